@@ -1,0 +1,21 @@
+import os, sys, subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def run_cli(*args, timeout=600, env=None, **kw):
+    "Run a console entry point as a user would (`python -m module ...`), capturing output."
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=e, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    "A tiny SDXL diffusers folder, saved once per test session."
+    from ztsnr_nb.sdxl import save_tiny_sdxl
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", seed=0)
