@@ -147,3 +147,18 @@ def test_two_process_ddp_keeps_weights_in_sync(tmp_path, data_dir):
     assert s["num_processes"] == 2
     c = s["param_checksums"]
     assert len(c) == 2 and c[0] == c[1]
+
+
+def test_text_encoder_training_changes_both_encoders(tmp_path, data_dir):
+    "With model.train_text_encoder the text comes from token ids every step and both encoders are updated and exported."
+    out = tmp_path / "te"
+    cfg = write_config(tmp_path / "te.toml", data_dir, out, steps=3, every=0)
+    r = run_cli("-m", "ztsnr_nb.cli", str(cfg), "--set", "model.train_text_encoder=true", "--set", "optim.text_encoder_lr=1e-2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from ztsnr_nb.checkpoint import load_sdxl
+    from ztsnr_nb.sdxl import build_tiny_sdxl
+    comps, _ = load_sdxl(out / "export" / "diffusers")
+    init = build_tiny_sdxl(seed=0)
+    for k in ("text_encoder", "text_encoder_2"):
+        a, b = comps[k].state_dict(), getattr(init, k).state_dict()
+        assert any(not torch.equal(a[n], b[n]) for n in a if n in b), f"{k} did not change"
