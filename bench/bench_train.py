@@ -306,7 +306,7 @@ def main(argv=None):
         inner = tr.opt.optimizer if hasattr(tr.opt, 'optimizer') else tr.opt
         print(f'UNet {n_params / 1e6:.2f}M parameters, batch {a.batch} x 4x{a.size}x{a.size} latents, '
               f'{torch.get_num_threads()} threads, torch {torch.__version__}')
-        print(f'ours: AdamW foreach={inner.defaults.get("foreach")}, lr {o.lr}, wd {o.weight_decay}, clip {o.max_grad_norm}, '
+        print(f'ours: AdamW fused={inner.defaults.get("fused")} foreach={inner.defaults.get("foreach")}, lr {o.lr}, wd {o.weight_decay}, clip {o.max_grad_norm}, '
               f'EMA interval {tr.cfg.ema.interval}, loss {tr.cfg.loss.weighting} terminal={tr.cfg.loss.terminal!r}, '
               f'caption_dropout {tr.cfg.data.caption_dropout}, mixed_precision {o.mixed_precision}')
         variants = {'ours': ours, 'bare(foreach=None)': bare_default, 'bare(foreach=True)': bare_foreach}
