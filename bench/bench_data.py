@@ -17,7 +17,7 @@ Metrics (goal in brackets):
   4. LatentCache.build throughput / a bare loop doing the same work without a cache (load, crop, VAE encode, keep
      mean+std in memory; no hashing, index or writes), same records, buckets, batches and tiny VAE; median of paired
      rounds  [>= 0.9]
-Everything runs with torch.set_num_threads(1) (shared machine); models are the tiny SDXL twins from ztsnr_nb.sdxl.
+Everything runs with torch.set_num_threads(1) (shared machine); models are the tiny SDXL twins from ztsnr_nb.models.sdxl.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ztsnr_nb.buckets import BucketBatchSampler, apply_crop_plan, assign_buckets, crop_plan, make_buckets
-from ztsnr_nb.dataset import CachedLatentDataset, make_dataloader, prepare_dataset
-from ztsnr_nb.images import ImageRecord, load_image_rgb, scan_kohya_folder
-from ztsnr_nb.latent_cache import LatentCache, TextEmbeddingCache, _ShardWriter, encode_latent_dist, pil_to_pixels
-from ztsnr_nb.sdxl import build_tiny_sdxl
-from ztsnr_nb.synthetic import make_synthetic_dataset
+from ztsnr_nb.data.buckets import BucketBatchSampler, apply_crop_plan, assign_buckets, crop_plan, make_buckets
+from ztsnr_nb.data.dataset import CachedLatentDataset, make_dataloader, prepare_dataset
+from ztsnr_nb.data.sources import ImageRecord, load_image_rgb, scan_kohya_folder
+from ztsnr_nb.data.latent_cache import LatentCache, TextEmbeddingCache, _ShardWriter, encode_latent_dist, pil_to_pixels
+from ztsnr_nb.models.sdxl import build_tiny_sdxl
+from ztsnr_nb.data.synthetic import make_synthetic_dataset
 
 
 def _write_synthetic_latents(cache: LatentCache, n: int, shape, shard_size: int, bucket=(64, 64)) -> list[str]:

@@ -1,6 +1,6 @@
 """Benchmark: txt2img time per image, ztsnr_nb's SDXLGenerator vs diffusers' StableDiffusionXLPipeline (goal: ratio <= 1.05).
 
-Both run the same tiny SDXL-architecture model (ztsnr_nb.sdxl.build_tiny_sdxl), the same prompt, size, steps, CFG 5 with
+Both run the same tiny SDXL-architecture model (ztsnr_nb.models.sdxl.build_tiny_sdxl), the same prompt, size, steps, CFG 5 with
 rescale 0.7, and the same sampler: Euler on the v-prediction + ZTSNR schedule with trailing spacing (diffusers:
 EulerDiscreteScheduler(prediction_type='v_prediction', rescale_betas_zero_snr=True, timestep_spacing='trailing');
 ours: SamplerConfig defaults, terminal sigma 4096 = diffusers' clamp). Both decode to PIL images, progress bars off.
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ztsnr_nb.inference import SDXLGenerator  # noqa: E402
-from ztsnr_nb.sdxl import build_tiny_sdxl  # noqa: E402
+from ztsnr_nb.inference.generate import SDXLGenerator  # noqa: E402
+from ztsnr_nb.models.sdxl import build_tiny_sdxl  # noqa: E402
 
 GOAL = 1.05
 

@@ -1,7 +1,7 @@
 """Benchmark: 'scan' + bucket assignment + sampler epoch for N synthetic metadata records (goal: 1,000,000 in < 60 s).
 
 Stages (each timed on its own; the total is compared with the 60 s goal):
-  records    build N ImageRecord objects from a saved-scan JSONL (`ztsnr_nb.images.load_records`), i.e. the
+  records    build N ImageRecord objects from a saved-scan JSONL (`ztsnr_nb.data.sources.load_records`), i.e. the
              metadata-only scan a trainer does on every start (the header scan itself is a one-off, see 03_images);
   assign     nearest-aspect bucket of every record (`bucket_records`, vectorised; SDXL 33 buckets);
   sampler    BucketBatchSampler construction + a full epoch of batches (batch 4, and rank 0 of 8 for DDP);
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ztsnr_nb.buckets import BucketBatchSampler, bucket_histogram, bucket_records, make_buckets  # noqa: E402
-from ztsnr_nb.images import ImageRecord, load_records, save_records  # noqa: E402
+from ztsnr_nb.data.buckets import BucketBatchSampler, bucket_histogram, bucket_records, make_buckets  # noqa: E402
+from ztsnr_nb.data.sources import ImageRecord, load_records, save_records  # noqa: E402
 
 GOAL_S = 60.0
 
@@ -66,8 +66,8 @@ def main(argv=None):
     total = sum(t for _, t in rows)
     rate = None
     if a.files:  # the one-off header scan of real files: measured on a few, extrapolated, not in the total
-        from ztsnr_nb.images import scan_kohya_folder
-        from ztsnr_nb.synthetic import make_synthetic_dataset
+        from ztsnr_nb.data.sources import scan_kohya_folder
+        from ztsnr_nb.data.synthetic import make_synthetic_dataset
         with tempfile.TemporaryDirectory() as d:
             make_synthetic_dataset(d, n=a.files, seed=0, min_side=64, max_side=128)
             t = time.perf_counter(); r, _ = scan_kohya_folder(d); rate = len(r) / (time.perf_counter() - t)

@@ -7,7 +7,7 @@
   python bench/bench_train.py --profile 3     # also torch.profiler table of 3 of our steps
   python bench/bench_train.py --json out.json
 
-Model: the tiny SDXL-architecture UNet of ztsnr_nb.sdxl scaled to ~40M parameters: block_out_channels (64,128,256),
+Model: the tiny SDXL-architecture UNet of ztsnr_nb.models.sdxl scaled to ~40M parameters: block_out_channels (64,128,256),
 layers_per_block 2, transformer_layers_per_block (1,2,3), heads (2,4,8) (head dim 32); SDPA attention in both.
 Batch 4 of 32x32 cached latents (random_latent_data: seeded latents + real tiny-text-encoder conditioning).
 
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ztsnr_nb.loss import EMA, LossConfig, diffusion_loss, timestep_weights  # noqa: E402
-from ztsnr_nb.sdxl import TinySDXLConfig, build_tiny_sdxl  # noqa: E402
-from ztsnr_nb.trainer import (CheckpointConfig, DataConfig, EMAConfig, LogConfig, OptimConfig, Trainer,  # noqa: E402
+from ztsnr_nb.training.loss import EMA, LossConfig, diffusion_loss, timestep_weights  # noqa: E402
+from ztsnr_nb.models.sdxl import TinySDXLConfig, build_tiny_sdxl  # noqa: E402
+from ztsnr_nb.training.trainer import (CheckpointConfig, DataConfig, EMAConfig, LogConfig, OptimConfig, Trainer,  # noqa: E402
                               TrainConfig, random_latent_data, step_generator)
 
 GOAL = 1.05
@@ -67,7 +67,7 @@ def fused_adamw(param_groups, c: OptimConfig):
 
 def make_ours(models, data, out_dir, batch_size, make_optimizer=None):
     """A Trainer set up exactly as fit() would; returns (trainer, step function). `make_optimizer` (bench only) stands in
-    for ztsnr_nb.trainer.make_optimizer during _setup(), to measure a proposed change without editing the module."""
+    for ztsnr_nb.training.trainer.make_optimizer during _setup(), to measure a proposed change without editing the module."""
     cfg = TrainConfig(data=DataConfig(batch_size=batch_size),
                       optim=OptimConfig(optimizer='adamw', mixed_precision='no', max_steps=10 ** 9),
                       loss=LossConfig(prediction='v', weighting='min_snr', gamma=5.0, terminal='one'),
@@ -75,7 +75,7 @@ def make_ours(models, data, out_dir, batch_size, make_optimizer=None):
                       checkpoint=CheckpointConfig(output_dir=str(out_dir), every=0, export=False),
                       logging=LogConfig(log_with='none', progress=False))
     tr = Trainer(cfg, models=models, data=data)
-    import ztsnr_nb.trainer as trainer_mod
+    import ztsnr_nb.training.trainer as trainer_mod
     orig = trainer_mod.make_optimizer
     if make_optimizer is not None: trainer_mod.make_optimizer = make_optimizer
     try: tr._setup()

@@ -17,5 +17,5 @@ def run_cli(*args, timeout=600, env=None, **kw):
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     "A tiny SDXL diffusers folder, saved once per test session."
-    from ztsnr_nb.sdxl import save_tiny_sdxl
+    from ztsnr_nb.models.sdxl import save_tiny_sdxl
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", seed=0)

@@ -1,16 +1,16 @@
-"Process-level tests for ztsnr_nb.latent_cache / ztsnr_nb.dataset: SIGKILL + resume, concurrent ranks, rank lock, spawned workers."
+"Process-level tests for ztsnr_nb.data.latent_cache / ztsnr_nb.data.dataset: SIGKILL + resume, concurrent ranks, rank lock, spawned workers."
 import gc, json, multiprocessing, sqlite3, subprocess, sys, time
 from pathlib import Path
 
 import pytest
 import torch
 
-from ztsnr_nb.buckets import BucketBatchSampler, make_buckets
-from ztsnr_nb.dataset import CachedLatentDataset, make_dataloader
-from ztsnr_nb.images import scan_kohya_folder
-from ztsnr_nb.latent_cache import LatentCache, TextEmbeddingCache
-from ztsnr_nb.sdxl import TinySDXLConfig, build_tiny_sdxl, build_vae
-from ztsnr_nb.synthetic import make_synthetic_dataset
+from ztsnr_nb.data.buckets import BucketBatchSampler, make_buckets
+from ztsnr_nb.data.dataset import CachedLatentDataset, make_dataloader
+from ztsnr_nb.data.sources import scan_kohya_folder
+from ztsnr_nb.data.latent_cache import LatentCache, TextEmbeddingCache
+from ztsnr_nb.models.sdxl import TinySDXLConfig, build_tiny_sdxl, build_vae
+from ztsnr_nb.data.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 24
@@ -19,10 +19,10 @@ BUCKETS = make_buckets(max_area=96 * 96, step=32, min_side=64, max_side=192)
 CHILD = r'''
 import json, sys, time, torch
 torch.set_num_threads(1)
-from ztsnr_nb.images import scan_kohya_folder
-from ztsnr_nb.buckets import make_buckets
-from ztsnr_nb.sdxl import build_vae, TinySDXLConfig
-from ztsnr_nb.latent_cache import LatentCache
+from ztsnr_nb.data.sources import scan_kohya_folder
+from ztsnr_nb.data.buckets import make_buckets
+from ztsnr_nb.models.sdxl import build_vae, TinySDXLConfig
+from ztsnr_nb.data.latent_cache import LatentCache
 folder, cache, rank, world, delay = sys.argv[1:6]
 recs, _ = scan_kohya_folder(folder)
 vae = build_vae(TinySDXLConfig(), seed=0)

@@ -1,4 +1,4 @@
-"Process-level and round-trip tests of ztsnr_nb.checkpoint (fast: tiny models and meta-device SDXL)."
+"Process-level and round-trip tests of ztsnr_nb.models.checkpoint (fast: tiny models and meta-device SDXL)."
 import json
 import os
 import signal
@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ztsnr_nb import checkpoint as ck
-from ztsnr_nb.sdxl import TinySDXLConfig, build_real_sdxl_on_meta, build_tiny_sdxl
+from ztsnr_nb.models.sdxl import TinySDXLConfig, build_real_sdxl_on_meta, build_tiny_sdxl
 
 torch.set_num_threads(1)
 COMPONENTS = ('unet', 'vae', 'text_encoder', 'text_encoder_2')
@@ -121,7 +121,7 @@ WRITER = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
     from ztsnr_nb import checkpoint as ck
-    from ztsnr_nb.sdxl import build_tiny_sdxl, TinySDXLConfig
+    from ztsnr_nb.models.sdxl import build_tiny_sdxl, TinySDXLConfig
     def die_half_way(tensors, path, metadata):
         Path(path).write_bytes(b'half a checkpoint')
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,4 +1,4 @@
-"Process-level tests for `ztsnr_nb_generate` (ztsnr_nb.inference.main): PNGs + metadata, determinism, img2img, bad input."
+"Process-level tests for `ztsnr_nb_generate` (ztsnr_nb.inference.generate.main): PNGs + metadata, determinism, img2img, bad input."
 import json
 import subprocess
 import sys
@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ztsnr_nb.inference import SDXLGenerator, main, parse_a1111_parameters
-from ztsnr_nb.sdxl import save_tiny_sdxl
+from ztsnr_nb.inference.generate import SDXLGenerator, main, parse_a1111_parameters
+from ztsnr_nb.models.sdxl import save_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ['--steps', '3', '--width', '64', '--height', '64', '--quiet']
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, '-m', 'ztsnr_nb.inference', *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, '-m', 'ztsnr_nb.inference.generate', *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

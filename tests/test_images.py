@@ -1,4 +1,4 @@
-"Process-level and fuzz tests for ztsnr_nb.images: mixed good/broken folders, streamed shards over HTTP and pipe:."
+"Process-level and fuzz tests for ztsnr_nb.data.sources: mixed good/broken folders, streamed shards over HTTP and pipe:."
 import functools, http.server, io, json, logging, tarfile, threading
 from pathlib import Path
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from ztsnr_nb.images import (ImageError, ScanReport, iter_webdataset, load_image_rgb, make_broken_corpus, probe_image,
+from ztsnr_nb.data.sources import (ImageError, ScanReport, iter_webdataset, load_image_rgb, make_broken_corpus, probe_image,
                              scan_imagefolder, scan_kohya_folder, scan_source)
-from ztsnr_nb.synthetic import make_synthetic_dataset
+from ztsnr_nb.data.synthetic import make_synthetic_dataset
 
 
 def _shard(path, samples):
@@ -32,7 +32,7 @@ def mixed(tmp_path_factory):
 
 def test_mixed_folder_never_raises_and_counts_are_right(mixed, tmp_path, caplog):
     root, good, corpus = mixed
-    with caplog.at_level(logging.WARNING, logger='ztsnr_nb.images'):
+    with caplog.at_level(logging.WARNING, logger='ztsnr_nb.data.sources'):
         recs, rep = scan_kohya_folder(root, report_path=tmp_path / 'report.json')
     skips = [r for o, r in corpus.values() if o == 'skip']
     repairs = [r for o, r in corpus.values() if o == 'repair']

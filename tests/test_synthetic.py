@@ -1,4 +1,4 @@
-"Process-level tests for ztsnr_nb.synthetic: the console entry, determinism across processes, skew, bad args."
+"Process-level tests for ztsnr_nb.data.synthetic: the console entry, determinism across processes, skew, bad args."
 import subprocess, sys
 from pathlib import Path
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ztsnr_nb.synthetic import TAGS, make_synthetic_dataset, mean_luma, tag_counts
+from ztsnr_nb.data.synthetic import TAGS, make_synthetic_dataset, mean_luma, tag_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, '-m', 'ztsnr_nb.synthetic', *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, '-m', 'ztsnr_nb.data.synthetic', *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -13,7 +13,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from ztsnr_nb.synthetic import make_synthetic_dataset
+    from ztsnr_nb.data.synthetic import make_synthetic_dataset
     d = tmp_path_factory.mktemp("data") / "synthetic"
     make_synthetic_dataset(d, n=24, seed=0, min_side=64, max_side=160)
     return d
@@ -155,8 +155,8 @@ def test_text_encoder_training_changes_both_encoders(tmp_path, data_dir):
     cfg = write_config(tmp_path / "te.toml", data_dir, out, steps=3, every=0)
     r = run_cli("-m", "ztsnr_nb.cli", str(cfg), "--set", "model.train_text_encoder=true", "--set", "optim.text_encoder_lr=1e-2")
     assert r.returncode == 0, r.stderr[-3000:]
-    from ztsnr_nb.checkpoint import load_sdxl
-    from ztsnr_nb.sdxl import build_tiny_sdxl
+    from ztsnr_nb.models.checkpoint import load_sdxl
+    from ztsnr_nb.models.sdxl import build_tiny_sdxl
     comps, _ = load_sdxl(out / "export" / "diffusers")
     init = build_tiny_sdxl(seed=0)
     for k in ("text_encoder", "text_encoder_2"):
