@@ -10,20 +10,23 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
+from fastcore.basics import patch
+
+from .policies import (LOSS_WEIGHTINGS, SPACINGS, TERMINAL_ALPHA_BARS, TERMINAL_SIGMAS, TIMESTEP_DISTS,
+                               check_prediction_for_schedule, check_timestep_dist, normalize_prediction,
+                               resolve_terminal_sigma, resolve_terminal_weight)
 
 _Number = Union[int, float]
 
 # %% auto #0
-__all__ = ['TERMINAL_ALPHA_BARS', 'TERMINAL_SIGMAS', 'SPACINGS', 'TRAIN_TIMESTEP_DISTS', 'PREDICTIONS', 'LOSS_WEIGHTINGS',
-           'append_dims', 'betas_scaled_linear', 'betas_linear', 'alpha_bar_from_betas', 'betas_from_alpha_bar',
+__all__ = ['append_dims', 'betas_scaled_linear', 'betas_linear', 'alpha_bar_from_betas', 'betas_from_alpha_bar',
            'sigma_from_alpha_bar', 'alpha_bar_from_sigma', 'snr_from_alpha_bar', 'alpha_bar_from_snr', 'snr_from_sigma',
            'sigma_from_snr', 'logsnr_from_alpha_bar', 'alpha_bar_from_logsnr', 'logsnr_from_sigma', 'sigma_from_logsnr',
-           'snr_from_logsnr', 'logsnr_from_snr', 'rescale_zero_terminal_snr', 'NoiseSchedule', 'terminal_sigma',
-           'latent_elements', 'resolution_sigma_max', 'sampling_timesteps', 'karras_sigmas', 'sample_train_timesteps',
-           'add_noise', 'v_target', 'x0_from_v', 'eps_from_v', 'v_from_eps', 'x0_from_eps', 'eps_from_x0', 'v_from_x0',
-           'c_skip', 'c_out', 'c_in', 'denoised_from_v', 'v_denoiser', 'normalize_prediction',
-           'check_prediction_for_schedule', 'loss_weight', 'cfg', 'cfg_rescale', 'sample_ddim', 'sample_euler',
-           'SolidOracle']
+           'snr_from_logsnr', 'logsnr_from_snr', 'rescale_zero_terminal_snr', 'NoiseSchedule', 'latent_elements',
+           'resolution_sigma_max', 'sampling_timesteps', 'karras_sigmas', 'sample_train_timesteps', 'add_noise',
+           'v_target', 'x0_from_v', 'eps_from_v', 'v_from_eps', 'x0_from_eps', 'eps_from_x0', 'v_from_x0', 'c_skip',
+           'c_out', 'c_in', 'denoised_from_v', 'v_denoiser', 'loss_weight', 'cfg', 'cfg_rescale', 'sample_ddim',
+           'sample_euler', 'SolidOracle']
 
 # %% ../nbs/01_schedule.ipynb #efdc5e5b
 def _f(x) -> torch.Tensor:
@@ -185,30 +188,18 @@ class NoiseSchedule:
         return (f"NoiseSchedule(n_steps={self.n_steps}, ztsnr={self.ztsnr}, alpha_bar_0={self.alpha_bar[0].item():.6g}, "
                 f"alpha_bar_T={self.alpha_bar[-1].item():.6g}, sigma_min={s[0].item():.6g}, sigma_max={s[-1].item():.6g})")
 
-# %% ../nbs/01_schedule.ipynb #6eeee556
-TERMINAL_ALPHA_BARS = {'diffusers': 2.0 ** -24, 'comfyui': 4.8973451890853435e-08}
-TERMINAL_SIGMAS = {'diffusers': 4096.0,  # exactly sqrt(2**24 - 1) = 4095.99988 in diffusers; 4096 within 3e-8
-                   'comfyui': math.sqrt((1 - TERMINAL_ALPHA_BARS['comfyui']) / TERMINAL_ALPHA_BARS['comfyui']),
-                   'novelai': 20000.0}
-
-def terminal_sigma(policy: Union[str, _Number] = 'diffusers') -> float:
-    "Finite σ standing in for σ = ∞ at ᾱ = 0: a name from `TERMINAL_SIGMAS` or an explicit positive float."
-    if isinstance(policy, str):
-        if policy in TERMINAL_SIGMAS: return TERMINAL_SIGMAS[policy]
-    elif isinstance(policy, (int, float)) and not isinstance(policy, bool) and math.isfinite(policy) and policy > 0:
-        return float(policy)
-    raise ValueError(f"terminal sigma policy must be one of {sorted(TERMINAL_SIGMAS)} or a finite positive number, got {policy!r}")
-
 # %% ../nbs/01_schedule.ipynb #d34773f9
-def _finite_sigmas(self, terminal: Union[str, _Number] = 'diffusers') -> torch.Tensor:
-    "σ_t with σ = ∞ (ᾱ = 0) replaced by `terminal_sigma(terminal)`; float64."
+@patch
+def finite_sigmas(self: NoiseSchedule, terminal_sigma: Union[str, _Number] = 'diffusers') -> torch.Tensor:
+    "σ_t with σ = ∞ (ᾱ = 0) replaced by the policy `terminal_sigma` (see `resolve_terminal_sigma`); float64."
     s = self.sigmas.clone()
-    s[torch.isinf(s)] = terminal_sigma(terminal)
+    s[torch.isinf(s)] = resolve_terminal_sigma(terminal_sigma)
     return s
 
-def _timestep_from_sigma(self, sigma, terminal: Union[str, _Number] = 'diffusers') -> torch.Tensor:
+@patch
+def timestep_from_sigma(self: NoiseSchedule, sigma, terminal_sigma: Union[str, _Number] = 'diffusers') -> torch.Tensor:
     "Continuous timestep for σ by linear interpolation in log σ (k-diffusion `sigma_to_t`), clamped to [0, T−1]; float64."
-    ls_all = self.finite_sigmas(terminal).log()
+    ls_all = self.finite_sigmas(terminal_sigma).log()
     if (ls_all[1:] < ls_all[:-1]).any(): raise ValueError("timestep_from_sigma: finite sigmas are not non-decreasing in t; is the terminal sigma below sigma_{T-1}?")
     s = _f(sigma).to(torch.float64)
     ls = s.clamp_min(1e-10).log().to(ls_all.device)
@@ -216,9 +207,6 @@ def _timestep_from_sigma(self, sigma, terminal: Union[str, _Number] = 'diffusers
     lo, hi = ls_all[low], ls_all[low + 1]
     w = ((ls - lo) / (hi - lo)).clamp(0, 1)
     return (low + w).to(s.device)
-
-NoiseSchedule.finite_sigmas = _finite_sigmas
-NoiseSchedule.timestep_from_sigma = _timestep_from_sigma
 
 # %% ../nbs/01_schedule.ipynb #ddf688e4
 def latent_elements(height: int, width: int, channels: int = 4, vae_scale_factor: int = 8) -> int:
@@ -236,8 +224,6 @@ def resolution_sigma_max(latent_elements, base_sigma_max: float = 14.6146, base_
     return r.item() if not torch.is_tensor(latent_elements) else _back(r, latent_elements)
 
 # %% ../nbs/01_schedule.ipynb #c444327f
-SPACINGS = ('leading', 'linspace', 'trailing')
-
 def _spacing_timesteps(n_steps: int, spacing: str = 'trailing', n_train: int = 1000, steps_offset: int = 1) -> torch.Tensor:
     "Descending float64 timesteps for a spacing (Lin et al. Table 2); linspace keeps fractions as Euler does."
     _check_n_steps(n_steps); _check_n_steps(n_train, 'n_train')
@@ -257,11 +243,12 @@ def sampling_timesteps(n_steps: int, spacing: str = 'trailing', n_train: int = 1
     return torch.round(_spacing_timesteps(n_steps, spacing, n_train, steps_offset)).long()
 
 # %% ../nbs/01_schedule.ipynb #8804a4a4
-def _sampling_sigmas(self, n_steps: int, spacing: str = 'trailing', terminal: Union[str, _Number] = 'diffusers',
-                     sigma_max: Optional[float] = None, steps_offset: int = 1) -> torch.Tensor:
-    "Descending float64 σ for an Euler-style sampler, ending in 0 (∞ → `terminal_sigma(terminal)`, first σ → `sigma_max`)."
+@patch
+def sampling_sigmas(self: NoiseSchedule, n_steps: int, spacing: str = 'trailing', terminal_sigma: Union[str, _Number] = 'diffusers',
+                    sigma_max: Optional[float] = None, steps_offset: int = 1) -> torch.Tensor:
+    "Descending float64 σ for an Euler-style sampler, ending in 0 (∞ → the `terminal_sigma` policy, first σ → `sigma_max`)."
     t = _spacing_timesteps(n_steps, spacing, self.n_steps, steps_offset)
-    s = self.finite_sigmas(terminal)
+    s = self.finite_sigmas(terminal_sigma)
     lo = t.floor().long().clamp(0, self.n_steps - 1); hi = (lo + 1).clamp(max=self.n_steps - 1); w = t - lo
     sig = (1 - w) * s[lo] + w * s[hi]
     if sigma_max is not None:
@@ -272,19 +259,17 @@ def _sampling_sigmas(self, n_steps: int, spacing: str = 'trailing', terminal: Un
         sig[0] = sm
     return torch.cat([sig, sig.new_zeros(1)])
 
-def _sampling_alpha_bars(self, n_steps: int, spacing: str = 'trailing', final: float = 1.0, steps_offset: int = 1) -> torch.Tensor:
+@patch
+def sampling_alpha_bars(self: NoiseSchedule, n_steps: int, spacing: str = 'trailing', final: float = 1.0, steps_offset: int = 1) -> torch.Tensor:
     "ᾱ at the sampling timesteps (noise descending, ᾱ ascending, exact 0 kept) plus the `final` ᾱ to land on; float64."
     a = self.alpha_bar[sampling_timesteps(n_steps, spacing, self.n_steps, steps_offset)]
     if not (a[-1] <= final <= 1): raise ValueError(f"final={final} must lie in [{a[-1].item():.6g}, 1]")
     return torch.cat([a, a.new_tensor([final])])
 
-def _sampling_timesteps_m(self, n_steps: int, spacing: str = 'trailing', steps_offset: int = 1) -> torch.Tensor:
+@patch
+def sampling_timesteps(self: NoiseSchedule, n_steps: int, spacing: str = 'trailing', steps_offset: int = 1) -> torch.Tensor:
     "`sampling_timesteps` for this schedule's number of training steps."
     return sampling_timesteps(n_steps, spacing, self.n_steps, steps_offset)
-
-NoiseSchedule.sampling_sigmas = _sampling_sigmas
-NoiseSchedule.sampling_alpha_bars = _sampling_alpha_bars
-NoiseSchedule.sampling_timesteps = _sampling_timesteps_m
 
 def karras_sigmas(n_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     "Karras et al. 2022 Eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, plus a final 0; float64."
@@ -295,14 +280,12 @@ def karras_sigmas(n_steps: int, sigma_min: float, sigma_max: float, rho: float =
     return torch.cat([s, s.new_zeros(1)])
 
 # %% ../nbs/01_schedule.ipynb #3d4b74e8
-TRAIN_TIMESTEP_DISTS = ('uniform', 'logit_normal', 'high_noise')
-
 def sample_train_timesteps(batch_size: int, n_train: int = 1000, generator: Optional[torch.Generator] = None,
                            dist: str = 'uniform', device=None, **kw) -> torch.Tensor:
     "Draw `batch_size` long training timesteps in [0, n_train): 'uniform', 'logit_normal' (loc, scale) or 'high_noise' (power)."
     _check_n_steps(batch_size, 'batch_size'); _check_n_steps(n_train, 'n_train')
-    allowed = {'uniform': {}, 'logit_normal': {'loc': 0.0, 'scale': 1.0}, 'high_noise': {'power': 2.0}}
-    if dist not in allowed: raise ValueError(f"dist must be one of {TRAIN_TIMESTEP_DISTS}, got {dist!r}")
+    allowed = TIMESTEP_DISTS
+    check_timestep_dist(dist, 'dist')
     extra = set(kw) - set(allowed[dist])
     if extra: raise ValueError(f"dist={dist!r} takes {sorted(allowed[dist]) or 'no'} keyword(s), got {sorted(extra)}")
     p = {**allowed[dist], **kw}
@@ -391,70 +374,42 @@ def denoised_from_v(x, v, sigma):
     return c_skip(s).to(dt) * x + c_out(s).to(dt) * v
 
 def v_denoiser(v_fn: Callable) -> Callable:
-    "Wrap `v_fn(x_in, sigma) -> v` (x_in = c_in·x, the VP input) as a k-diffusion denoiser `D(x, sigma) -> x̂₀`."
+    "Wrap `v_fn(x_in, sigma) -> v` (x_in = c_in·x, the VP input) as a k-diffusion denoiser `D(x, sigma) -> x̂₀`; scalings in float64."
     def denoiser(x, sigma):
-        s = _sigma_like(sigma, x)
-        return denoised_from_v(x, v_fn(c_in(s).to(x.dtype) * x, sigma), sigma)
+        s = _sigma_like(torch.as_tensor(sigma, dtype=torch.float64), x)
+        return denoised_from_v(x, v_fn(c_in(s).to(x.dtype) * x, sigma), s)
     return denoiser
 
 # %% ../nbs/01_schedule.ipynb #10202638
-PREDICTIONS = {'v': 'v_prediction', 'v_prediction': 'v_prediction', 'epsilon': 'epsilon', 'eps': 'epsilon',
-               'sample': 'sample', 'x0': 'sample'}
-LOSS_WEIGHTINGS = ('min_snr', 'debiased', 'none')
-
-def normalize_prediction(prediction: str) -> str:
-    "Canonical diffusers prediction type ('v_prediction', 'epsilon', 'sample') from an alias ('v', 'eps', 'x0', ...)."
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {sorted(PREDICTIONS)}, got {prediction!r}")
-    return PREDICTIONS[prediction]
-
-def check_prediction_for_schedule(prediction: str, ztsnr) -> str:
-    "Refuse ε-prediction on a zero-terminal-SNR schedule (`ztsnr` a bool or a `NoiseSchedule`); returns the canonical name."
-    p = normalize_prediction(prediction)
-    z = ztsnr.ztsnr if isinstance(ztsnr, NoiseSchedule) else bool(ztsnr)
-    if p == 'epsilon' and z:
-        raise ValueError("prediction='epsilon' cannot be used with a zero terminal SNR schedule: at SNR = 0 the noise equals "
-                         "the input, so x0 = (x_t - sqrt(1-alpha_bar)*eps)/sqrt(alpha_bar) is 0/0 and the model learns nothing "
-                         "about the image. Use prediction='v_prediction' (or disable ztsnr).")
-    return p
-
-def _terminal_weight(terminal) -> float:
-    if terminal == 'one': return 1.0
-    if terminal == 'zero': return 0.0
-    if isinstance(terminal, (int, float)) and not isinstance(terminal, bool) and math.isfinite(terminal) and terminal >= 0:
-        return float(terminal)
-    raise ValueError(f"terminal must be 'one', 'zero' or a finite float >= 0, got {terminal!r}")
-
-def loss_weight(snr, kind: str = 'min_snr', prediction: str = 'v', gamma: float = 5.0, terminal='one') -> torch.Tensor:
-    "Per-sample loss weight from SNR: MinSNR-γ (Hang et al. 2023), debiased (Yu et al. 2023) or none; SNR = 0 gets `terminal`."
+def loss_weight(snr, kind: str = 'min_snr', prediction: str = 'v', gamma: float = 5.0, terminal_weight='one') -> torch.Tensor:
+    "Per-sample loss weight from SNR: MinSNR-γ (Hang et al. 2023), debiased (Yu et al. 2023) or none; SNR = 0 gets `terminal_weight`."
     p = normalize_prediction(prediction)
     if kind not in LOSS_WEIGHTINGS: raise ValueError(f"kind must be one of {LOSS_WEIGHTINGS}, got {kind!r}")
     if not (isinstance(gamma, (int, float)) and gamma > 0): raise ValueError(f"gamma must be > 0, got {gamma!r}")
-    tw = _terminal_weight(terminal)
+    tw = resolve_terminal_weight(terminal_weight)
     s = torch.as_tensor(snr).to(torch.float64)
     if torch.isnan(s).any() or (s < 0).any(): raise ValueError("loss_weight: snr must be >= 0 and not NaN")
     zero = s == 0
-    if p == 'epsilon' and bool(zero.any()): check_prediction_for_schedule(p, True)
+    if bool(zero.any()): check_prediction_for_schedule(p, True)
     sf = torch.where(zero, torch.ones_like(s), s)
     if kind == 'none': w = torch.ones_like(s)
     elif kind == 'min_snr':
         m = sf.clamp(max=gamma)
-        w = {'sample': m, 'epsilon': m / sf, 'v_prediction': m / (sf + 1)}[p]
-    else: w = {'sample': sf.sqrt(), 'epsilon': sf.rsqrt(), 'v_prediction': 1 / (sf + 1)}[p]
+        w = {'sample': m, 'epsilon': m / sf, 'v': m / (sf + 1)}[p]
+    else: w = {'sample': sf.sqrt(), 'epsilon': sf.rsqrt(), 'v': 1 / (sf + 1)}[p]
     w = torch.where(zero, torch.full_like(w, tw), w)
     return _back(w, snr) if torch.is_tensor(snr) else w
 
-def _schedule_loss_weight(self, timesteps, kind: str = 'min_snr', prediction: str = 'v', gamma: float = 5.0,
-                          terminal='one', device=None) -> torch.Tensor:
+@patch
+def loss_weight(self: NoiseSchedule, timesteps, kind: str = 'min_snr', prediction: str = 'v', gamma: float = 5.0,
+                terminal_weight='one', device=None) -> torch.Tensor:
     "Float32 loss weights for training `timesteps`, from this (post-rescale) schedule's SNR; refuses ε + ZTSNR."
     check_prediction_for_schedule(prediction, self.ztsnr)
     t = torch.as_tensor(timesteps)
     if t.is_floating_point() or (t < 0).any() or (t >= self.n_steps).any():
         raise ValueError(f"timesteps must be integers in [0, {self.n_steps - 1}]")
-    w = loss_weight(self.snr[t.cpu()], kind, prediction, gamma, terminal).float()
+    w = loss_weight(self.snr[t.cpu()], kind, prediction, gamma, terminal_weight).float()
     return w.to(device if device is not None else t.device)
-
-NoiseSchedule.loss_weight = _schedule_loss_weight
 
 # %% ../nbs/01_schedule.ipynb #45ccd4e8
 def cfg(x_neg, x_pos, w: float):
@@ -495,9 +450,8 @@ def sample_ddim(v_model: Callable, x: torch.Tensor, alpha_bars_desc, timesteps=N
         ab_b = torch.full((B,), at, dtype=_level_dtype(x), device=x.device)
         t_b = None if timesteps is None else timesteps[i].expand(B).to(x.device)
         v = v_model(x, ab_b, t_b)
-        x0 = math.sqrt(at) * x - math.sqrt(1 - at) * v
-        eps = math.sqrt(1 - at) * x + math.sqrt(at) * v
-        x = math.sqrt(an) * x0 + math.sqrt(1 - an) * eps
+        x0, eps = x0_from_v(x, v, at), eps_from_v(x, v, at)
+        x = add_noise(x0, eps, an)
         if callback is not None: callback({'i': i, 'x': x, 'denoised': x0, 'alpha_bar': at, 'alpha_bar_next': an})
     return x
 
