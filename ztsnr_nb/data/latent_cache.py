@@ -5,6 +5,7 @@
 # %% ../../nbs/23_data_latent_cache.ipynb #662492ac
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from .sources import ImageError, ImageRecord, load_image_rgb
 from .buckets import CropPlan, apply_crop_plan, assign_buckets, crop_plan
 from ..models.sdxl import encode_prompt
+from ..models.vae import LatentNorm, encode_latent_dist, pil_to_pixels, vae_in_dtype
 
 try: import fcntl  # POSIX advisory locks: one builder per rank
 except ImportError: fcntl = None  # Windows: no lock, ranks must be distinct by construction
@@ -36,10 +38,9 @@ except ImportError: fcntl = None  # Windows: no lock, ranks must be distinct by 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'CACHE_FORMAT_VERSION', 'bytes_digest', 'module_digest', 'config_dict', 'latent_fingerprint', 'upcast_vae',
-           'pil_to_pixels', 'encode_latent_dist', 'key_owner', 'ShardStore', 'LatentEntry', 'sample_latent',
-           'CacheReport', 'LatentCache', 'tokenizer_digest', 'text_fingerprint', 'caption_key', 'TextEntry',
-           'TextEmbeddingCache']
+__all__ = ['logger', 'CACHE_FORMAT_VERSION', 'bytes_digest', 'module_digest', 'config_dict', 'latent_fingerprint', 'key_owner',
+           'ShardStore', 'LatentEntry', 'sample_latent', 'CacheReport', 'LatentCache', 'tokenizer_digest',
+           'text_fingerprint', 'caption_key', 'TextEntry', 'TextEmbeddingCache']
 
 # %% ../../nbs/23_data_latent_cache.ipynb #197a7ec8
 CACHE_FORMAT_VERSION = 1
@@ -75,28 +76,6 @@ def latent_fingerprint(vae, buckets, crop: str = 'center', seed: int = 0, dtype:
                 crop_seed=seed if crop == 'random' else None, dtype=str(dtype), store_std=bool(store_std),
                 encode_dtype=str(encode_dtype))
     return bytes_digest(_json(spec).encode())
-
-# %% ../../nbs/23_data_latent_cache.ipynb #2ed52f1b
-@contextmanager
-def upcast_vae(vae: torch.nn.Module, dtype: torch.dtype = torch.float32):
-    "Run a block with the VAE's parameters in `dtype` (fp32: SDXL's VAE overflows fp16), restoring its dtype after."
-    orig = next(vae.parameters()).dtype
-    if orig == dtype: yield vae; return
-    torch.nn.Module.to(vae, dtype)   # the plain cast (diffusers' `to` warns about keep-in-fp32 modules; we cast all)
-    try: yield vae
-    finally: torch.nn.Module.to(vae, orig)
-
-def pil_to_pixels(img) -> torch.Tensor:
-    "PIL RGB image → float tensor (3, H, W) in [−1, 1], the VAE's input range: x = 2·(v/255) − 1."
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return a.float().div_(127.5).sub_(1.0)
-
-@torch.no_grad()
-def encode_latent_dist(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "(μ, σ) of the VAE posterior q(z|x) for pixels (B, 3, H, W) in [−1, 1], in the VAE's dtype, returned as fp32."
-    p = next(vae.parameters())
-    d = vae.encode(pixels.to(p.device, p.dtype)).latent_dist
-    return d.mean.float(), d.std.float()
 
 # %% ../../nbs/23_data_latent_cache.ipynb #b51f41f5
 _SCHEMA = """
@@ -475,7 +454,7 @@ class LatentCache(ShardStore):
             raise ValueError(f'records contain {dup!r} more than once: pass each image once (kohya repeats go to the sampler)')
         fp = fingerprint or latent_fingerprint(vae, buckets, crop, seed, dtype, store_std, encode_dtype)
         settings = dict(buckets=buckets, crop=crop, seed=seed, dtype=str(dtype), store_std=bool(store_std),
-                        scaling_factor=getattr(vae.config, 'scaling_factor', 1.0), shift_factor=getattr(vae.config, 'shift_factor', None),
+                        **dataclasses.asdict(LatentNorm.of(vae)),
                         latent_channels=getattr(vae.config, 'latent_channels', None))
         rep = CacheReport('latent', total=len(records))
         with self._rank_lock(rank):
@@ -490,7 +469,7 @@ class LatentCache(ShardStore):
             pool = ThreadPoolExecutor(num_load_threads, thread_name_prefix='latent-load') if num_load_threads else None
             bar = tqdm(total=len(todo), desc=f'latents r{rank}', unit='img', disable=not progress)
             try:
-                with upcast_vae(vae, encode_dtype):
+                with vae_in_dtype(vae, encode_dtype):
                     for loaded in _prefetch(jobs, _safe_load, pool):
                         good = [x for x in loaded if isinstance(x, _Loaded)]
                         for x in loaded:
@@ -592,9 +571,9 @@ class LatentCache(ShardStore):
         return LatentEntry(mean, std, tuple((ix.time_ids_flip if flip else ix.time_ids)[i].tolist()), bucket)
 
     @property
-    def scaling_factor(self) -> float: return float(self.settings.get('scaling_factor', 1.0))
-    @property
-    def shift_factor(self) -> float: return float(self.settings.get('shift_factor') or 0.0)
+    def latent_norm(self) -> LatentNorm:
+        "The VAE's latent normalisation, recorded when the cache was built (applied by the dataset)."
+        return LatentNorm.of(self.settings)
 
 # %% ../../nbs/23_data_latent_cache.ipynb #0164fa0d
 def tokenizer_digest(tokenizer) -> str:

@@ -5,9 +5,7 @@
 # %% ../../nbs/20_data_synthetic.ipynb #8e97e549
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -17,8 +15,8 @@ from PIL import Image, ImageDraw
 
 # %% auto #0
 __all__ = ['COLORS', 'COLOR_WEIGHTS', 'SHAPES', 'GREYS', 'P_GRADIENT', 'P_OUTLINE', 'P_GRAIN', 'P_BORDER', 'COUNT_TAGS',
-           'STYLE_TAGS', 'TAGS', 'mean_luma', 'brightness_tags', 'synthetic_caption', 'synthetic_image',
-           'SyntheticRecord', 'solid_plan', 'make_synthetic_dataset', 'tag_counts', 'main']
+           'STYLE_TAGS', 'TAGS', 'mean_luma', 'mean_brightness', 'brightness_tags', 'synthetic_caption',
+           'synthetic_image', 'SyntheticRecord', 'solid_plan', 'make_synthetic_dataset', 'tag_counts']
 
 # %% ../../nbs/20_data_synthetic.ipynb #f73ef0b8
 COLORS: dict[str, tuple[int, int, int]] = {  # name -> RGB, in decreasing order of frequency
@@ -75,6 +73,10 @@ def mean_luma(img: Image.Image) -> float:
     "Mean ITU-R 601 luma Y = 0.299 R + 0.587 G + 0.114 B of an RGB image, in [0, 255]."
     a = np.asarray(img.convert('RGB'), dtype=np.float64)
     return float((a @ np.array([0.299, 0.587, 0.114])).mean())
+
+def mean_brightness(img: Image.Image) -> float:
+    "Mean luma on the [-1, 1] scale of the VAE's pixels and the oracle experiment (-1 black, 1 white)."
+    return mean_luma(img) / 127.5 - 1
 
 def brightness_tags(img: Image.Image, dark: float = 64.0, bright: float = 192.0) -> list[str]:
     "['dark'] if mean luma < dark, ['bright'] if > bright, else []."
@@ -212,35 +214,3 @@ def tag_counts(records: Sequence[SyntheticRecord] | Sequence[str]) -> Counter:
     "How many captions contain each tag (records or caption strings), most common first."
     caps = [r.caption if isinstance(r, SyntheticRecord) else r for r in records]
     return Counter(t.strip() for c in caps for t in _dedup(c.split(',')) if t.strip())
-
-# %% ../../nbs/20_data_synthetic.ipynb #04e6bc99
-class _OneLineParser(argparse.ArgumentParser):
-    "argparse that reports bad arguments on one line (no usage block) and exits with status 2."
-    def error(self, message):
-        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
-
-def main(argv: Sequence[str] | None = None) -> int:
-    "Console entry `ztsnr_nb_make_dataset OUT [--n N] [--seed S] ...`: write a synthetic dataset, return exit code."
-    p = _OneLineParser(prog='ztsnr_nb_make_dataset', description=make_synthetic_dataset.__doc__)
-    p.add_argument('out', help='output folder (created if missing)')
-    p.add_argument('--n', type=int, default=64, help='number of images (default 64)')
-    p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
-    p.add_argument('--min-side', type=int, default=128, help='smallest image side in px (default 128)')
-    p.add_argument('--max-side', type=int, default=384, help='largest image side in px (default 384)')
-    p.add_argument('--solid-fraction', type=float, default=0.125, help='fraction of solid black/white images')
-    p.add_argument('--prefix', default='synth_', help='file name prefix (default synth_)')
-    p.add_argument('--quiet', action='store_true', help='no progress bar or summary')
-    a = p.parse_args(argv)
-    try:
-        recs = make_synthetic_dataset(a.out, n=a.n, seed=a.seed, min_side=a.min_side, max_side=a.max_side,
-                                      solid_fraction=a.solid_fraction, prefix=a.prefix, progress=not a.quiet)
-    except ValueError as e:
-        print(f'{p.prog}: error: {e}', file=sys.stderr)
-        return 2
-    if not a.quiet:
-        solids = sum('solid_color' in r.tags for r in recs)
-        print(f'wrote {len(recs)} images ({solids} solid) with captions to {a.out}')
-    return 0
-
-if __name__ == '__main__' and '__file__' in globals():  # `python -m ztsnr_nb.data.synthetic`, not the notebook
-    sys.exit(main())

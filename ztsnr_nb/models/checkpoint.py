@@ -16,16 +16,18 @@ from pathlib import Path
 
 import torch
 
+from ..policies import check_prediction_for_schedule, diffusers_prediction_type, normalize_prediction
+from .sdxl import SDXLComponents
+
 # %% auto #0
 __all__ = ['logger', 'UNET_RESNET', 'VAE_RESNET', 'VAE_ATTN', 'OPENCLIP_LAYER', 'UNET_PREFIX', 'VAE_PREFIX', 'TE1_PREFIX',
            'TE2_PREFIX', 'MARKERS', 'IGNORED_KEYS', 'MODELSPEC_ARCH', 'PICKLE_SUFFIXES', 'unet_module_pairs',
            'vae_module_pairs', 'unet_structure_diffusers', 'unet_structure_original', 'vae_structure_diffusers',
            'vae_structure_original', 'map_module_keys', 'unet_to_original', 'unet_from_original', 'vae_to_original',
            'vae_from_original', 'clip_l_to_original', 'clip_l_from_original', 'openclip_to_original',
-           'openclip_from_original', 'diffusers_to_sdxl_keys', 'split_sdxl_keys', 'sdxl_to_diffusers_keys',
-           'normalize_prediction', 'as_dtype', 'modelspec_metadata', 'save_single_file', 'scheduler_for',
-           'save_diffusers', 'CheckpointError', 'read_safetensors_header', 'read_state_dict', 'detect_architecture',
-           'LoadReport', 'load_sdxl']
+           'openclip_from_original', 'diffusers_to_sdxl_keys', 'split_sdxl_keys', 'sdxl_to_diffusers_keys', 'as_dtype',
+           'modelspec_metadata', 'save_single_file', 'scheduler_for', 'save_diffusers', 'CheckpointError',
+           'read_safetensors_header', 'read_state_dict', 'detect_architecture', 'LoadReport', 'load_sdxl']
 
 # %% ../../nbs/13_models_checkpoint.ipynb #fdef44e6
 logger = logging.getLogger(__name__)
@@ -280,15 +282,8 @@ def sdxl_to_diffusers_keys(sd: dict, strict: bool = True) -> tuple[dict, dict, d
 
 # %% ../../nbs/13_models_checkpoint.ipynb #148e4f8e
 MODELSPEC_ARCH = 'stable-diffusion-xl-v1-base'
-_PRED = {'v': 'v', 'v_prediction': 'v', 'v-prediction': 'v', 'epsilon': 'epsilon', 'eps': 'epsilon'}
 _DTYPES = {'fp16': torch.float16, 'float16': torch.float16, 'half': torch.float16, 'bf16': torch.bfloat16,
            'bfloat16': torch.bfloat16, 'fp32': torch.float32, 'float32': torch.float32, 'float': torch.float32}
-
-def normalize_prediction(prediction, arg='prediction') -> str:
-    "'v' or 'epsilon' from the usual spellings ('v_prediction', 'eps', ...)."
-    p = _PRED.get(str(prediction).lower()) if prediction is not None else None
-    if p is None: raise ValueError(f"{arg}={prediction!r} is not a prediction type: use 'v' (v_prediction) or 'epsilon'")
-    return p
 
 def as_dtype(dtype, arg='dtype'):
     "A floating torch dtype from a dtype or its name ('fp16', 'bf16', 'fp32'); None passes through."
@@ -300,12 +295,12 @@ def as_dtype(dtype, arg='dtype'):
 def modelspec_metadata(prediction='v', ztsnr=True, title='ztsnr_nb SDXL', resolution=1024, extra: dict | None = None) -> dict[str, str]:
     "`modelspec.*` (SAI model spec 1.0.0) + `ztsnr_nb.*` metadata; `extra` keys without a namespace go under `ztsnr_nb.`."
     from ztsnr_nb import __version__
-    p = normalize_prediction(prediction)
+    p = check_prediction_for_schedule(prediction, ztsnr)
     md = {'modelspec.sai_model_spec': '1.0.0', 'modelspec.architecture': MODELSPEC_ARCH,
           'modelspec.implementation': 'https://github.com/Stability-AI/generative-models',
           'modelspec.title': str(title), 'modelspec.resolution': f'{resolution}x{resolution}',
           'modelspec.prediction_type': p, 'ztsnr_nb.version': __version__,
-          'ztsnr_nb.prediction_type': 'v_prediction' if p == 'v' else 'epsilon', 'ztsnr_nb.ztsnr': json.dumps(bool(ztsnr))}
+          'ztsnr_nb.prediction_type': diffusers_prediction_type(p), 'ztsnr_nb.ztsnr': json.dumps(bool(ztsnr))}
     for k, v in (extra or {}).items():
         md[k if '.' in k else f'ztsnr_nb.{k}'] = v if isinstance(v, str) else json.dumps(v, default=str)
     return md
@@ -313,7 +308,8 @@ def modelspec_metadata(prediction='v', ztsnr=True, title='ztsnr_nb SDXL', resolu
 # %% ../../nbs/13_models_checkpoint.ipynb #845caca8
 def _component(components, name):
     c = components.get(name) if isinstance(components, dict) else getattr(components, name, None)
-    if c is None: raise ValueError(f"components has no {name!r}: pass a dict or object with unet, vae, text_encoder, text_encoder_2")
+    if c is None: raise ValueError(f"components has no {name!r}: pass an SDXLComponents (ztsnr_nb.models.sdxl) with unet, vae, "
+                                   "text_encoder, text_encoder_2 (and tokenizers for a diffusers folder)")
     return c
 
 def _state_dict(c) -> dict:
@@ -341,8 +337,7 @@ def save_single_file(path, components, prediction='v', ztsnr=True, metadata: dic
     path = Path(path)
     if path.suffix != '.safetensors': raise ValueError(f"path={str(path)!r}: single-file checkpoints are written as .safetensors; use a name ending in .safetensors")
     if not path.parent.is_dir(): raise ValueError(f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
-    p, dtype = normalize_prediction(prediction), as_dtype(dtype)
-    if ztsnr and p != 'v': raise ValueError("ztsnr=True with prediction='epsilon': zero terminal SNR needs v-prediction (Lin et al. 2024 §3.2); use prediction='v' or ztsnr=False")
+    p, dtype = check_prediction_for_schedule(prediction, ztsnr), as_dtype(dtype)
     sds = [_state_dict(_component(components, n)) for n in ('unet', 'vae', 'text_encoder', 'text_encoder_2')]
     sd = diffusers_to_sdxl_keys(*sds)
     meta_keys = [k for k, v in sd.items() if v.is_meta]
@@ -359,11 +354,11 @@ def save_single_file(path, components, prediction='v', ztsnr=True, metadata: dic
 def scheduler_for(scheduler, prediction='v', ztsnr=True):
     "A copy of `scheduler` (or SDXL's Euler schedule when None) set to `prediction`, ZTSNR rescale and trailing spacing."
     from diffusers import EulerDiscreteScheduler
-    p = normalize_prediction(prediction)
+    p = check_prediction_for_schedule(prediction, ztsnr)
     base = scheduler.config if scheduler is not None else dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
                                                                num_train_timesteps=1000, steps_offset=1, timestep_spacing='leading')
     cls = type(scheduler) if scheduler is not None else EulerDiscreteScheduler
-    kw = dict(prediction_type='v_prediction' if p == 'v' else 'epsilon', rescale_betas_zero_snr=bool(ztsnr))
+    kw = dict(prediction_type=diffusers_prediction_type(p), rescale_betas_zero_snr=bool(ztsnr))
     if ztsnr: kw['timestep_spacing'] = 'trailing'
     return cls.from_config(base, **kw)
 
@@ -372,8 +367,7 @@ def save_diffusers(folder, components, prediction='v', ztsnr=True, dtype=None) -
     import shutil
     from diffusers import StableDiffusionXLPipeline
     folder = Path(folder)
-    p = normalize_prediction(prediction)
-    if ztsnr and p != 'v': raise ValueError("ztsnr=True with prediction='epsilon': zero terminal SNR needs v-prediction; use prediction='v' or ztsnr=False")
+    p = check_prediction_for_schedule(prediction, ztsnr)
     if not folder.parent.is_dir(): raise ValueError(f"folder={str(folder)!r}: parent {str(folder.parent)!r} does not exist; create it first")
     names = ('unet', 'vae', 'text_encoder', 'text_encoder_2', 'tokenizer', 'tokenizer_2')
     comps = {n: _component(components, n) for n in names}
@@ -479,7 +473,7 @@ def detect_architecture(keys, path='state dict') -> str:
 # %% ../../nbs/13_models_checkpoint.ipynb #cd98b871
 @dataclass
 class LoadReport:
-    "What `load_sdxl` found: format, architecture, prediction type (and where it came from), ZTSNR, markers, dtype."
+    "What `load_sdxl` found: format, architecture, prediction type ('v'/'epsilon', and where it came from), ZTSNR, markers, dtype."
     path: str
     format: str
     architecture: str
@@ -583,11 +577,11 @@ def _decide_prediction(prediction, ztsnr, markers, metadata, notes):
         elif z: notes.append("zero terminal SNR from the 'ztsnr' marker key: scheduler uses rescale_betas_zero_snr and trailing spacing")
     else:
         z = bool(ztsnr); notes.append(f"ztsnr={z} given by the caller")
-    if z and p != 'v': raise ValueError("ztsnr=True with prediction='epsilon': zero terminal SNR needs v-prediction; use prediction='v'")
-    return p, z
+    return check_prediction_for_schedule(p, z), z
 
-def load_sdxl(path, config_folder=None, prediction=None, allow_pickle: bool = False, dtype=None, ztsnr: bool | None = None):
-    "Load SDXL from a diffusers folder or a single file (+ local `config_folder`); returns (components dict, LoadReport)."
+def load_sdxl(path, config_folder=None, prediction=None, allow_pickle: bool = False, dtype=None,
+              ztsnr: bool | None = None) -> tuple[SDXLComponents, LoadReport]:
+    "Load SDXL from a diffusers folder or a single file (+ local `config_folder`); returns (SDXLComponents, LoadReport)."
     path, dtype = Path(path), as_dtype(dtype)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
     if path.is_dir(): return _load_diffusers(path, prediction, dtype, ztsnr)
@@ -606,9 +600,9 @@ def load_sdxl(path, config_folder=None, prediction=None, allow_pickle: bool = Fa
     if (dtype or comps['vae'].dtype) == torch.float16:
         notes.append("VAE in float16: SDXL's VAE overflows in fp16 (NaN/black images); decode in float32 (force_upcast) or use a fixed fp16 VAE")
     if dtype is not None: dt = f"{dt} → {str(dtype).replace('torch.', '')}"
-    rep = LoadReport(str(path), fmt, arch, 'v_prediction' if p == 'v' else 'epsilon', z, markers, dt, len(sd), notes)
+    rep = LoadReport(str(path), fmt, arch, p, z, markers, dt, len(sd), notes)
     logger.info("loaded %s", rep)
-    return comps, rep
+    return SDXLComponents(**comps), rep
 
 def _load_diffusers(folder: Path, prediction, dtype, ztsnr):
     "Load the components of a diffusers SDXL folder; the scheduler config supplies prediction type and ZTSNR."
@@ -643,10 +637,10 @@ def _load_diffusers(folder: Path, prediction, dtype, ztsnr):
         notes.append(f"prediction type from the scheduler config: {p}")
     else: p = normalize_prediction(prediction); notes.append(f"prediction type {p!r} given by the caller")
     z = bool(base is not None and base.config.get('rescale_betas_zero_snr', False)) if ztsnr is None else bool(ztsnr)
-    if z and p != 'v': raise ValueError(f"{folder}: ztsnr with prediction='epsilon': zero terminal SNR needs v-prediction; use prediction='v'")
+    p = check_prediction_for_schedule(p, z, f"{folder}: prediction")
     comps['scheduler'] = scheduler_for(base, p, z)
     if (dtype or comps['vae'].dtype) == torch.float16:
         notes.append("VAE in float16: SDXL's VAE overflows in fp16 (NaN/black images); decode in float32 (force_upcast) or use a fixed fp16 VAE")
-    rep = LoadReport(str(folder), 'diffusers', 'sdxl', 'v_prediction' if p == 'v' else 'epsilon', z, markers,
+    rep = LoadReport(str(folder), 'diffusers', 'sdxl', p, z, markers,
                      _dtype_summary(dtypes) + (f" → {str(dtype).replace('torch.', '')}" if dtype is not None else ''), n, notes)
-    return comps, rep
+    return SDXLComponents(**comps), rep

@@ -5,11 +5,9 @@
 # %% ../../nbs/10_models_sdxl.ipynb #71840271
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +15,12 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['TAG_WORDS', 'sdxl_unet_config', 'sdxl_vae_config', 'sdxl_text_encoder_configs', 'TinySDXLConfig', 'tiny_unet_config',
-           'tiny_vae_config', 'tiny_text_encoder_configs', 'bytes_to_unicode', 'learn_bpe_merges',
+__all__ = ['TAG_WORDS', 'SDXL_COMPONENTS', 'sdxl_unet_config', 'sdxl_vae_config', 'sdxl_text_encoder_configs', 'TinySDXLConfig',
+           'tiny_unet_config', 'tiny_vae_config', 'tiny_text_encoder_configs', 'bytes_to_unicode', 'learn_bpe_merges',
            'build_tokenizer_files', 'load_tokenizer', 'build_unet', 'build_vae', 'build_text_encoders',
-           'v_prediction_scheduler', 'TinySDXL', 'build_tiny_sdxl', 'count_params', 'build_real_sdxl_on_meta',
-           'tokenize', 'encode_tokens', 'encode_prompt', 'sdxl_time_ids', 'save_tiny_sdxl', 'main']
+           'v_prediction_scheduler', 'SDXLComponents', 'build_tiny_sdxl', 'count_params', 'build_real_sdxl_on_meta',
+           'tokenize', 'encode_tokens', 'encode_prompt', 'Conditioning', 'device_dtype', 'unet_forward',
+           'save_tiny_sdxl']
 
 # %% ../../nbs/10_models_sdxl.ipynb #87cf9097
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -244,50 +243,58 @@ def v_prediction_scheduler(ztsnr: bool = True) -> EulerDiscreteScheduler:
                                   rescale_betas_zero_snr=ztsnr, timestep_spacing="trailing" if ztsnr else "leading",
                                   steps_offset=1)
 
+SDXL_COMPONENTS = ('unet', 'vae', 'text_encoder', 'text_encoder_2', 'tokenizer', 'tokenizer_2', 'scheduler')
+
 @dataclass
-class TinySDXL:
-    "The seven components of an SDXL pipeline, tiny."
+class SDXLComponents:
+    "The seven components of an SDXL pipeline (real or tiny): the one type every part of ztsnr_nb passes around."
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     text_encoder_2: CLIPTextModelWithProjection
-    tokenizer: CLIPTokenizer
-    tokenizer_2: CLIPTokenizer
-    scheduler: EulerDiscreteScheduler
-    config: TinySDXLConfig = field(default_factory=TinySDXLConfig)
+    tokenizer: CLIPTokenizer | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    scheduler: EulerDiscreteScheduler | None = None
 
-    def components(self) -> dict:
-        "Keyword arguments for `StableDiffusionXLPipeline(**components)`."
-        return {k: getattr(self, k) for k in ('unet', 'vae', 'text_encoder', 'text_encoder_2', 'tokenizer', 'tokenizer_2', 'scheduler')}
+    def as_dict(self) -> dict:
+        "Keyword arguments for `StableDiffusionXLPipeline(**components.as_dict())`."
+        return {k: getattr(self, k) for k in SDXL_COMPONENTS}
+
+    def replace(self, **changes) -> 'SDXLComponents':
+        "A copy with some components swapped (e.g. an EMA UNet), the modules themselves shared, not copied."
+        unknown = set(changes) - set(SDXL_COMPONENTS)
+        if unknown: raise ValueError(f"SDXLComponents has no {sorted(unknown)}; its components are {SDXL_COMPONENTS}")
+        return SDXLComponents(**{**self.as_dict(), **changes})
 
     def pipeline(self):
         "A diffusers StableDiffusionXLPipeline over these components."
         from diffusers import StableDiffusionXLPipeline
-        return StableDiffusionXLPipeline(**self.components())
+        return StableDiffusionXLPipeline(**self.as_dict())
 
-def build_tiny_sdxl(seed: int = 0, config: TinySDXLConfig | None = None, ztsnr: bool = True, tokenizer_dir=None) -> TinySDXL:
+def build_tiny_sdxl(seed: int = 0, config: TinySDXLConfig | None = None, ztsnr: bool = True, tokenizer_dir=None) -> SDXLComponents:
     "Build a tiny SDXL (UNet, VAE, both text encoders, tokenizers, v-pred scheduler) from `config` and `seed`."
     import tempfile as _tf
     c = config or TinySDXLConfig()
-    tdir = Path(tokenizer_dir) if tokenizer_dir else Path(_tf.mkdtemp(prefix='ztsnr_tok_'))
-    if not (tdir / 'vocab.json').exists(): build_tokenizer_files(tdir)
-    tok = load_tokenizer(tdir)
+    with _tf.TemporaryDirectory(prefix='ztsnr_tok_') as tmp:   # the tokenizer is read into memory: nothing left on disk
+        tdir = Path(tokenizer_dir or tmp)
+        if not (tdir / 'vocab.json').exists(): build_tokenizer_files(tdir)
+        tok, tok2 = load_tokenizer(tdir), load_tokenizer(tdir)
     te1, te2 = build_text_encoders(c, len(tok), seed)
-    return TinySDXL(unet=build_unet(c, seed), vae=build_vae(c, seed), text_encoder=te1, text_encoder_2=te2,
-                    tokenizer=tok, tokenizer_2=load_tokenizer(tdir), scheduler=v_prediction_scheduler(ztsnr), config=c)
+    return SDXLComponents(unet=build_unet(c, seed), vae=build_vae(c, seed), text_encoder=te1, text_encoder_2=te2,
+                          tokenizer=tok, tokenizer_2=tok2, scheduler=v_prediction_scheduler(ztsnr))
 
 # %% ../../nbs/10_models_sdxl.ipynb #2815b328
 def count_params(m: torch.nn.Module) -> int:
     "Number of parameters of a module."
     return sum(p.numel() for p in m.parameters())
 
-def build_real_sdxl_on_meta():
-    "Real-size SDXL UNet, VAE and text encoders on the `meta` device (structure and shapes, no memory)."
+def build_real_sdxl_on_meta() -> SDXLComponents:
+    "Real-size SDXL UNet, VAE and text encoders on the `meta` device (structure and shapes, no memory; no tokenizers)."
     te1, te2 = sdxl_text_encoder_configs()
     with torch.device('meta'):
-        return dict(unet=UNet2DConditionModel(**sdxl_unet_config()), vae=AutoencoderKL(**sdxl_vae_config()),
-                    text_encoder=CLIPTextModel(CLIPTextConfig(**te1)),
-                    text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2)))
+        return SDXLComponents(unet=UNet2DConditionModel(**sdxl_unet_config()), vae=AutoencoderKL(**sdxl_vae_config()),
+                              text_encoder=CLIPTextModel(CLIPTextConfig(**te1)),
+                              text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2)))
 
 # %% ../../nbs/10_models_sdxl.ipynb #33d0527c
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -308,10 +315,41 @@ def encode_prompt(text_encoder, text_encoder_2, tokenizer, tokenizer_2, captions
     if isinstance(captions, str): captions = [captions]
     return encode_tokens(text_encoder, text_encoder_2, tokenize(tokenizer, captions), tokenize(tokenizer_2, captions))
 
-def sdxl_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
-    "SDXL micro-conditioning vector (orig_h, orig_w, crop_top, crop_left, target_h, target_w), as a float tensor."
-    from ztsnr_nb.data.buckets import sdxl_time_ids as time_ids   # the one definition of the order (04_buckets)
-    return torch.tensor(time_ids(original_size, crop_top_left, target_size), dtype=torch.float32)
+# %% ../../nbs/10_models_sdxl.ipynb #42c3e287
+@dataclass
+class Conditioning:
+    "SDXL conditioning for a batch: cross-attention `context` (B, L, d1+d2), `pooled` (B, d2), `time_ids` (B, 6)."
+    context: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+
+    def __post_init__(self):
+        B = {self.context.shape[0], self.pooled.shape[0], self.time_ids.shape[0]}
+        if len(B) != 1 or self.time_ids.shape[-1] != 6:
+            raise ValueError(f"Conditioning: context {tuple(self.context.shape)}, pooled {tuple(self.pooled.shape)} and time_ids "
+                             f"{tuple(self.time_ids.shape)} must share the batch size, with 6 time ids per item")
+
+    def __len__(self) -> int: return self.context.shape[0]
+    def __getitem__(self, i) -> 'Conditioning': return Conditioning(self.context[i], self.pooled[i], self.time_ids[i])
+
+    def to(self, device=None, dtype=None) -> 'Conditioning':
+        "Move to `device` and cast to `dtype` (time ids too, as SDXL's pipeline does)."
+        return Conditioning(*(x.to(device=device, dtype=dtype) for x in (self.context, self.pooled, self.time_ids)))
+
+    @staticmethod
+    def cat(cs) -> 'Conditioning':
+        "Concatenate along the batch."
+        return Conditioning(*(torch.cat([getattr(c, k) for c in cs]) for k in ('context', 'pooled', 'time_ids')))
+
+def device_dtype(module) -> tuple[torch.device, torch.dtype]:
+    "(device, dtype) of a module's first parameter: cheap, unlike diffusers' `.device`/`.dtype` properties (ms per call)."
+    p = next(module.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device('cpu'), torch.float32)
+
+def unet_forward(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    "The UNet's output for latents `x` at timesteps `t` under `cond` (diffusers' UNet2DConditionModel, possibly DDP-wrapped)."
+    return unet(x, t, encoder_hidden_states=cond.context,
+                added_cond_kwargs={'text_embeds': cond.pooled, 'time_ids': cond.time_ids}, return_dict=False)[0]
 
 # %% ../../nbs/10_models_sdxl.ipynb #ecb87f15
 def _check_writable_dir(folder, arg='folder') -> Path:
@@ -329,20 +367,3 @@ def save_tiny_sdxl(folder, seed: int = 0, config: TinySDXLConfig | None = None, 
     tiny.pipeline().save_pretrained(folder, safe_serialization=True)
     for sub in ('tokenizer', 'tokenizer_2'): build_tokenizer_files(folder / sub)  # also the classic vocab/merges files
     return folder
-
-# %% ../../nbs/10_models_sdxl.ipynb #42835826
-def main(argv=None) -> int:
-    "Console entry `ztsnr_nb_make_tiny`: write a tiny SDXL diffusers folder."
-    ap = argparse.ArgumentParser(prog='ztsnr_nb_make_tiny', description='Write a tiny SDXL-architecture diffusers folder (random weights).')
-    ap.add_argument('out', help='output folder')
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--no-ztsnr', action='store_true', help='save an epsilon-style (non-ZTSNR) scheduler config')
-    a = ap.parse_args(argv)
-    try: folder = save_tiny_sdxl(a.out, seed=a.seed, ztsnr=not a.no_ztsnr)
-    except ValueError as e: print(f"ztsnr_nb_make_tiny: error: {e}", file=sys.stderr); return 2
-    print(f"tiny SDXL written to {folder}")
-    return 0
-
-# %% ../../nbs/10_models_sdxl.ipynb #206b806a
-#| eval: false
-if __name__ == '__main__': sys.exit(main())
