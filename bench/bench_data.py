@@ -30,7 +30,8 @@ import torch
 from ztsnr_nb.data.buckets import BucketBatchSampler, apply_crop_plan, assign_buckets, crop_plan, make_buckets
 from ztsnr_nb.data.dataset import CachedLatentDataset, make_dataloader, prepare_dataset
 from ztsnr_nb.data.sources import ImageRecord, load_image_rgb, scan_kohya_folder
-from ztsnr_nb.data.latent_cache import LatentCache, TextEmbeddingCache, _ShardWriter, encode_latent_dist, pil_to_pixels
+from ztsnr_nb.data.latent_cache import LatentCache, TextEmbeddingCache, _ShardWriter
+from ztsnr_nb.models.vae import encode_latent_dist, pil_to_pixels
 from ztsnr_nb.models.sdxl import build_tiny_sdxl
 from ztsnr_nb.data.synthetic import make_synthetic_dataset
 

@@ -45,9 +45,9 @@ def main(argv=None):
     for m in (tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2): m.to(a.device).eval()
     sched = EulerDiscreteScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
                                    prediction_type='v_prediction', rescale_betas_zero_snr=True, timestep_spacing='trailing')
-    pipe = StableDiffusionXLPipeline(**{**tiny.components(), 'scheduler': sched})
+    pipe = tiny.replace(scheduler=sched).pipeline()
     pipe.set_progress_bar_config(disable=True)
-    gen = SDXLGenerator.from_components(**tiny.components())
+    gen = SDXLGenerator.from_components(tiny)
     prompt = ['red_circle, blue_background, monochrome'] * a.batch
     S = a.size
 

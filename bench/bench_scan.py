@@ -2,7 +2,7 @@
 
 Stages (each timed on its own; the total is compared with the 60 s goal):
   records    build N ImageRecord objects from a saved-scan JSONL (`ztsnr_nb.data.sources.load_records`), i.e. the
-             metadata-only scan a trainer does on every start (the header scan itself is a one-off, see 03_images);
+             metadata-only scan a trainer does on every start (the header scan itself is a one-off, see 21_data_sources);
   assign     nearest-aspect bucket of every record (`bucket_records`, vectorised; SDXL 33 buckets);
   sampler    BucketBatchSampler construction + a full epoch of batches (batch 4, and rank 0 of 8 for DDP);
   resume     load_state_dict at the middle of the epoch + first batch.

@@ -15,7 +15,7 @@ Variants, measured alternately step by step (each timed step runs one step of ev
 drift and the neighbours' load hit all alike):
   ours         Trainer(cfg, models, data)._setup(), then Trainer.optimizer_step(batches, params) -- the code path of fit():
                next batch from the InMemoryData DataLoader, caption dropout (default 0.05), step generator,
-               diffusion_loss (t ~ U, eps, x_t, v target, MinSNR-5 weight with terminal='one', per-sample weight),
+               diffusion_loss (t ~ U, eps, x_t, v target, MinSNR-5 weight with terminal_weight='one', per-sample weight),
                non-finite guards, accelerate backward, clip_grad_norm_(1.0), AdamW(foreach=True) via accelerate,
                lr scheduler, EMA update (interval 1, fp32 shadow), zero_grad, loss.item(); mixed_precision 'no'.
   bare         deepcopy of the same UNet (copied before any training), the same batches (epoch-0 plan of the same
@@ -45,10 +45,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ztsnr_nb.training.loss import EMA, LossConfig, diffusion_loss, timestep_weights  # noqa: E402
+from ztsnr_nb.training.loss import diffusion_loss  # noqa: E402
+from ztsnr_nb.training.ema import EMA  # noqa: E402
+from ztsnr_nb.training.config import (CheckpointConfig, DataConfig, EMAConfig, LogConfig, LossConfig, OptimConfig,  # noqa: E402
+                                      TrainConfig)
 from ztsnr_nb.models.sdxl import TinySDXLConfig, build_tiny_sdxl  # noqa: E402
-from ztsnr_nb.training.trainer import (CheckpointConfig, DataConfig, EMAConfig, LogConfig, OptimConfig, Trainer,  # noqa: E402
-                              TrainConfig, random_latent_data, step_generator)
+from ztsnr_nb.data.dataset import random_latent_data  # noqa: E402
+from ztsnr_nb.training.trainer import Trainer, step_generator  # noqa: E402
 
 GOAL = 1.05
 UNET_40M = TinySDXLConfig(block_out_channels=(64, 128, 256), layers_per_block=2, transformer_layers_per_block=(1, 2, 3),
@@ -70,7 +73,7 @@ def make_ours(models, data, out_dir, batch_size, make_optimizer=None):
     for ztsnr_nb.training.trainer.make_optimizer during _setup(), to measure a proposed change without editing the module."""
     cfg = TrainConfig(data=DataConfig(batch_size=batch_size),
                       optim=OptimConfig(optimizer='adamw', mixed_precision='no', max_steps=10 ** 9),
-                      loss=LossConfig(prediction='v', weighting='min_snr', gamma=5.0, terminal='one'),
+                      loss=LossConfig(weighting='min_snr', gamma=5.0, terminal_weight='one'),
                       ema=EMAConfig(enabled=True, interval=1),
                       checkpoint=CheckpointConfig(output_dir=str(out_dir), every=0, export=False),
                       logging=LogConfig(log_with='none', progress=False))
@@ -241,10 +244,11 @@ def overhead_parts(tr, bare: Bare, batch, n_ema):
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 1000, (batch['latents'].shape[0],), generator=g)
     sw = batch['weight']
-    res['loss weighting: timestep_weights (MinSNR, terminal)'] = micro(lambda: timestep_weights(sched, t, cfg), 500)
+    tw = lambda: sched.loss_weight(t, cfg.weighting, 'v', cfg.gamma, cfg.terminal_weight)   # noqa: E731
+    res['loss weighting: NoiseSchedule.loss_weight (MinSNR, terminal)'] = micro(tw, 500)
     ps = torch.rand(t.shape[0])
     res['loss weighting: w_t x sample weight x mse, mean - plain mean'] = \
-        micro(lambda: (timestep_weights(sched, t, cfg) * sw * ps).mean(), 500) - micro(lambda: ps.mean(), 500)
+        micro(lambda: (tw() * sw * ps).mean(), 500) - micro(lambda: ps.mean(), 500)
     x0 = batch['latents']
     stub = lambda x_t, tt: x_t   # noqa: E731  (model cost ~0: what remains is the loss's own math)
     res['diffusion_loss minus model (ours)'] = micro(lambda: diffusion_loss(stub, x0, sched, cfg, sample_weight=sw, generator=g), 300)
@@ -288,10 +292,10 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     tiny = build_tiny_sdxl(seed=0, config=TinySDXLConfig() if a.quick else UNET_40M)
-    models = tiny.components()
-    n_params = sum(p.numel() for p in models['unet'].parameters())
-    bare_unet_a = copy.deepcopy(models['unet']); bare_unet_b = copy.deepcopy(models['unet'])   # before any training
-    fused_models = {**models, 'unet': copy.deepcopy(models['unet'])} if a.proposed else None
+    models = tiny
+    n_params = sum(p.numel() for p in models.unet.parameters())
+    bare_unet_a = copy.deepcopy(models.unet); bare_unet_b = copy.deepcopy(models.unet)   # before any training
+    fused_models = models.replace(unet=copy.deepcopy(models.unet)) if a.proposed else None
     data = random_latent_data(models, n=8 * a.batch, size=a.size, batch_size=a.batch, seed=0)
     bare_batches = [data._collate(list(map(int, idx))) for idx in data.sampler.epoch_plan(0)]   # same batches, epoch 0
     with tempfile.TemporaryDirectory(prefix='bench_train_') as out_dir:
@@ -307,7 +311,7 @@ def main(argv=None):
         print(f'UNet {n_params / 1e6:.2f}M parameters, batch {a.batch} x 4x{a.size}x{a.size} latents, '
               f'{torch.get_num_threads()} threads, torch {torch.__version__}')
         print(f'ours: AdamW fused={inner.defaults.get("fused")} foreach={inner.defaults.get("foreach")}, lr {o.lr}, wd {o.weight_decay}, clip {o.max_grad_norm}, '
-              f'EMA interval {tr.cfg.ema.interval}, loss {tr.cfg.loss.weighting} terminal={tr.cfg.loss.terminal!r}, '
+              f'EMA interval {tr.cfg.ema.interval}, loss {tr.cfg.loss.weighting} terminal_weight={tr.cfg.loss.terminal_weight!r}, '
               f'caption_dropout {tr.cfg.data.caption_dropout}, mixed_precision {o.mixed_precision}')
         variants = {'ours': ours, 'bare(foreach=None)': bare_default, 'bare(foreach=True)': bare_foreach}
         if a.proposed: variants['ours+fused AdamW'] = ours_fused

@@ -8,6 +8,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def script(name: str) -> str:
+    "The installed console script `name` next to this interpreter (what `pip install` puts on the PATH)."
+    return str(Path(sys.executable).parent / name)
+
+
+def run_script(name, *args, timeout=600, env=None, **kw):
+    "Run an installed console script as a user would, capturing output."
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([script(name), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e, **kw)
+
+
 def run_cli(*args, timeout=600, env=None, **kw):
     "Run a console entry point as a user would (`python -m module ...`), capturing output."
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ztsnr_nb import checkpoint as ck
+from ztsnr_nb.models import checkpoint as ck
 from ztsnr_nb.models.sdxl import TinySDXLConfig, build_real_sdxl_on_meta, build_tiny_sdxl
 
 torch.set_num_threads(1)
@@ -40,14 +40,14 @@ def _shapes(sd):
 def test_meta_sdxl_round_trip_and_diffusers_key_set():
     from diffusers.loaders import single_file_utils as sfu
     real = build_real_sdxl_on_meta()
-    sds = {k: m.state_dict() for k, m in real.items()}
+    sds = {k: getattr(real, k).state_dict() for k in COMPONENTS}
     single = ck.diffusers_to_sdxl_keys(*(sds[k] for k in COMPONENTS))
     for name, got in zip(COMPONENTS, ck.sdxl_to_diffusers_keys(single)):
         assert _shapes(got) == _shapes(sds[name]), name
     assert sfu.infer_diffusers_model_type(single) == 'xl_base'
-    assert _shapes(sfu.convert_ldm_unet_checkpoint(single, dict(real['unet'].config))) == _shapes(sds['unet'])
-    assert _shapes(sfu.convert_ldm_vae_checkpoint(single, dict(real['vae'].config))) == _shapes(sds['vae'])
-    assert _shapes(sfu.convert_open_clip_checkpoint(real['text_encoder_2'], single, prefix=ck.TE2_PREFIX)) == _shapes(sds['text_encoder_2'])
+    assert _shapes(sfu.convert_ldm_unet_checkpoint(single, dict(real.unet.config))) == _shapes(sds['unet'])
+    assert _shapes(sfu.convert_ldm_vae_checkpoint(single, dict(real.vae.config))) == _shapes(sds['vae'])
+    assert _shapes(sfu.convert_open_clip_checkpoint(real.text_encoder_2, single, prefix=ck.TE2_PREFIX)) == _shapes(sds['text_encoder_2'])
     assert all(k.startswith((ck.UNET_PREFIX, ck.VAE_PREFIX, ck.TE1_PREFIX, ck.TE2_PREFIX)) for k in single)
 
 
@@ -80,9 +80,9 @@ def test_diffusers_from_single_file_and_load_sdxl_give_same_images(tiny, saved):
     ref = _sample(tiny.pipeline())
     theirs = StableDiffusionXLPipeline.from_single_file(str(f), config=str(cfg), local_files_only=True)
     comps, rep = ck.load_sdxl(f, cfg)
-    assert rep.prediction_type == 'v_prediction' and rep.ztsnr and {'v_pred', 'ztsnr'} <= set(rep.markers_found)
+    assert rep.prediction_type == 'v' and rep.ztsnr and {'v_pred', 'ztsnr'} <= set(rep.markers_found)
     assert abs(_sample(theirs) - ref).max() < 1e-5
-    assert abs(_sample(StableDiffusionXLPipeline(**comps)) - ref).max() < 1e-6
+    assert abs(_sample(comps.pipeline()) - ref).max() < 1e-6
 
 
 def test_unmarked_file_loads_as_epsilon_unless_told(saved):
@@ -91,10 +91,10 @@ def test_unmarked_file_loads_as_epsilon_unless_told(saved):
     save_file({k: v for k, v in load_file(f).items() if k not in ck.MARKERS}, g)
     comps, rep = ck.load_sdxl(g, cfg)
     assert (rep.prediction_type, rep.ztsnr) == ('epsilon', False)
-    assert comps['scheduler'].config.prediction_type == 'epsilon'
+    assert comps.scheduler.config.prediction_type == 'epsilon'
     assert any("no 'v_pred' marker" in n for n in rep.notes) and 'epsilon' in repr(rep)
     comps, rep = ck.load_sdxl(g, cfg, prediction='v')
-    assert rep.prediction_type == 'v_prediction' and comps['scheduler'].config.prediction_type == 'v_prediction'
+    assert rep.prediction_type == 'v' and comps.scheduler.config.prediction_type == 'v_prediction'
 
 
 def test_bad_inputs_name_the_file(saved, tmp_path):
@@ -114,13 +114,13 @@ def test_bad_inputs_name_the_file(saved, tmp_path):
     with pytest.raises(ck.CheckpointError, match='lacks unet/config.json'): ck.load_sdxl(f, tmp_path)
     torch.save(load_file(f), tmp_path / 'm.ckpt')
     with pytest.raises(ck.CheckpointError, match='allow_pickle=True'): ck.load_sdxl(tmp_path / 'm.ckpt', cfg)
-    assert ck.load_sdxl(tmp_path / 'm.ckpt', cfg, allow_pickle=True)[1].prediction_type == 'v_prediction'
+    assert ck.load_sdxl(tmp_path / 'm.ckpt', cfg, allow_pickle=True)[1].prediction_type == 'v'
 
 
 WRITER = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
-    from ztsnr_nb import checkpoint as ck
+    from ztsnr_nb.models import checkpoint as ck
     from ztsnr_nb.models.sdxl import build_tiny_sdxl, TinySDXLConfig
     def die_half_way(tensors, path, metadata):
         Path(path).write_bytes(b'half a checkpoint')
@@ -139,7 +139,7 @@ def test_killed_writer_leaves_previous_checkpoint_intact(saved, tmp_path):
     r = subprocess.run([sys.executable, '-c', WRITER, str(target)], capture_output=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
     assert target.read_bytes() == before
-    assert ck.load_sdxl(target, cfg)[1].prediction_type == 'v_prediction'
+    assert ck.load_sdxl(target, cfg)[1].prediction_type == 'v'
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != 'model.safetensors']
     assert all(n.startswith('.model.safetensors.') and n.endswith('.tmp') for n in leftovers)  # only a hidden temp file
 
@@ -149,5 +149,5 @@ def test_save_diffusers_scheduler_markers(tiny, tmp_path):
     sc = json.loads((d / 'scheduler' / 'scheduler_config.json').read_text())
     assert (sc['prediction_type'], sc['rescale_betas_zero_snr'], sc['timestep_spacing']) == ('v_prediction', True, 'trailing')
     comps, rep = ck.load_sdxl(d)
-    assert (rep.format, rep.prediction_type, rep.ztsnr) == ('diffusers', 'v_prediction', True)
+    assert (rep.format, rep.prediction_type, rep.ztsnr) == ('diffusers', 'v', True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]

@@ -1,4 +1,4 @@
-"Process-level tests for `ztsnr_nb_generate` (ztsnr_nb.inference.generate.main): PNGs + metadata, determinism, img2img, bad input."
+"Process-level tests for `ztsnr_nb_generate` (ztsnr_nb.cli.generate_main): PNGs + metadata, determinism, img2img, bad input."
 import json
 import subprocess
 import sys
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ztsnr_nb.inference.generate import SDXLGenerator, main, parse_a1111_parameters
+from ztsnr_nb.cli import generate_main as main
+from ztsnr_nb.inference.generate import SDXLGenerator, parse_a1111_parameters
 from ztsnr_nb.models.sdxl import save_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,7 @@ SMALL = ['--steps', '3', '--width', '64', '--height', '64', '--quiet']
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, '-m', 'ztsnr_nb.inference.generate', *map(str, args)], cwd=ROOT,
+    return subprocess.run([str(Path(sys.executable).parent / 'ztsnr_nb_generate'), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -90,7 +91,7 @@ def test_more_bad_input_in_process(model, tmp_path, capsys):
              (['--steps', '0', '--width', '64', '--height', '64'], 'SamplerConfig.steps=0'),
              (['--cfg-rescale', '2', '--width', '64', '--height', '64'], 'cfg_rescale'),
              (['--prediction', 'epsilon', '--ztsnr', '--width', '64', '--height', '64'], 'zero terminal SNR'),
-             (['--terminal', 'huge', '--width', '64', '--height', '64'], '--terminal')]
+             (['--terminal-sigma', 'huge', '--width', '64', '--height', '64'], '--terminal-sigma')]
     img = tmp_path / 'in.png'; Image.new('RGB', (64, 64)).save(img)
     for extra, says in cases:
         extra = [str(img) if a == 'IMG' else a for a in extra]

@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ztsnr_nb.schedule import (SPACINGS, TERMINAL_SIGMAS, LOSS_WEIGHTINGS, NoiseSchedule, betas_scaled_linear, betas_linear,
+from ztsnr_nb.policies import SPACINGS, TERMINAL_SIGMAS, LOSS_WEIGHTINGS
+from ztsnr_nb.schedule import (NoiseSchedule, betas_scaled_linear, betas_linear,
                                add_noise, v_target, x0_from_v, eps_from_v, cfg_rescale, sample_train_timesteps,
                                sample_ddim, sample_euler, SolidOracle, alpha_bar_from_sigma)
 
@@ -13,9 +14,9 @@ FAST = settings(max_examples=20, deadline=None)
 
 
 def test_import_is_light():
-    "The exported module must not pull in notebook/plotting/test tooling (nor diffusers) at import time."
+    "The exported module must not pull in notebook/plotting/test tooling (nor diffusers) at import time (fastcore.basics' @patch is fine)."
     code = ("import sys, ztsnr_nb.schedule; "
-            "print([m for m in ('nbdev', 'fastcore', 'matplotlib', 'ipywidgets', 'hypothesis', 'diffusers') if m in sys.modules])")
+            "print([m for m in ('nbdev', 'fastcore.test', 'matplotlib', 'ipywidgets', 'hypothesis', 'diffusers') if m in sys.modules])")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == '[]', r.stdout
@@ -45,11 +46,11 @@ def test_weights_finite_on_random_rescaled_schedules(b0, b1, scaled, ztsnr):
     for kind in LOSS_WEIGHTINGS:
         for pred in ('v', 'sample') + (() if ztsnr else ('epsilon',)):
             for term in ('one', 'zero', 0.5):
-                w = s.loss_weight(t, kind, pred, terminal=term)
+                w = s.loss_weight(t, kind, pred, terminal_weight=term)
                 assert torch.isfinite(w).all() and (w >= 0).all()
     if ztsnr:
-        assert s.loss_weight(t, terminal='zero')[-1] == 0 and s.loss_weight(t)[-1] == 1
-        with pytest.raises(ValueError, match='v_prediction'): s.loss_weight(t, prediction='epsilon')
+        assert s.loss_weight(t, terminal_weight='zero')[-1] == 0 and s.loss_weight(t)[-1] == 1
+        with pytest.raises(ValueError, match='zero terminal SNR'): s.loss_weight(t, prediction='epsilon')
 
 
 @FAST

@@ -4,7 +4,7 @@ import shutil
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from conftest import run_cli
+from conftest import run_cli, run_script
 from ztsnr_nb.models.sdxl import build_tiny_sdxl, load_tokenizer, tokenize, TinySDXLConfig, build_unet
 
 
@@ -26,7 +26,7 @@ def test_tokenizers_give_real_ids_and_pad_to_77(tiny_folder):
 
 
 def test_console_script_writes_folder(tmp_path):
-    r = run_cli("-m", "ztsnr_nb.models.sdxl", str(tmp_path / "t"), "--seed", "3")
+    r = run_script("ztsnr_nb_make_tiny", tmp_path / "t", "--seed", "3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "t" / "model_index.json").exists() and (tmp_path / "t" / "unet" / "config.json").exists()
 
@@ -34,7 +34,7 @@ def test_console_script_writes_folder(tmp_path):
 def test_console_script_rejects_unwritable_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run_cli("-m", "ztsnr_nb.models.sdxl", str(blocker / "sub"))
+    r = run_script("ztsnr_nb_make_tiny", blocker / "sub")
     assert r.returncode == 2 and "folder" in r.stderr and "Traceback" not in r.stderr
 
 

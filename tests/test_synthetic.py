@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, '-m', 'ztsnr_nb.data.synthetic', *map(str, args)], cwd=ROOT,
+    return subprocess.run([str(Path(sys.executable).parent / 'ztsnr_nb_make_dataset'), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -21,6 +21,8 @@ def data_dir(tmp_path_factory):
 
 def write_config(path: Path, data: Path, out: Path, steps=STEPS, every=2, extra=""):
     path.write_text(f'''seed = 3
+[model]
+tiny = true
 [data]
 source = "{data}"
 cache_dir = "{out.parent / (out.name + '_cache')}"
@@ -42,9 +44,10 @@ every = {every}
 keep_last = 2
 [validation]
 prompts = ["solid_color, black_background, dark"]
-steps = 2
 width = 64
 height = 64
+[sampler]
+steps = 2
 [logging]
 log_with = "none"
 progress = false
@@ -69,8 +72,10 @@ def test_config_errors_exit_2_one_line(tmp_path, data_dir):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("-m", "ztsnr_nb.cli", "--data", str(data_dir), "--set", "optim.max_steps=-3")
     assert r.returncode == 2 and "optim.max_steps" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_cli("-m", "ztsnr_nb.cli", "--data", str(tmp_path / "nope"))
-    assert r.returncode == 2 and "data.source" in r.stderr
+    r = run_cli("-m", "ztsnr_nb.cli", "--data", str(tmp_path / "nope"), "--set", "model.tiny=true")
+    assert r.returncode == 2 and "data.source" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("-m", "ztsnr_nb.cli", "--data", str(data_dir))            # no model: an error, never a random tiny model
+    assert r.returncode == 2 and "model.tiny = true" in r.stderr
 
 
 def test_train_export_and_exact_resume_after_sigkill(tmp_path, data_dir):
@@ -160,5 +165,5 @@ def test_text_encoder_training_changes_both_encoders(tmp_path, data_dir):
     comps, _ = load_sdxl(out / "export" / "diffusers")
     init = build_tiny_sdxl(seed=0)
     for k in ("text_encoder", "text_encoder_2"):
-        a, b = comps[k].state_dict(), getattr(init, k).state_dict()
+        a, b = getattr(comps, k).state_dict(), getattr(init, k).state_dict()
         assert any(not torch.equal(a[n], b[n]) for n in a if n in b), f"{k} did not change"

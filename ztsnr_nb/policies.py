@@ -45,7 +45,7 @@ def check_prediction_for_schedule(prediction, ztsnr, name: str = 'prediction') -
     return p
 
 # %% ../nbs/00_policies.ipynb #ab08a467
-LOSS_WEIGHTINGS = ('min_snr', 'debiased', 'none')
+LOSS_WEIGHTINGS = ('min_snr', 'min_snr_floor', 'debiased', 'none')
 TERMINAL_WEIGHTS = {'one': 1.0, 'zero': 0.0}
 
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -98,4 +98,4 @@ def check_sigma_max(value, name: str = 'sigma_max'):
     raise ValueError(f"{name}={value!r}: use 'auto' (resolution-aware), a finite number > 0, or leave it unset (the schedule's)")
 
 # %% ../nbs/00_policies.ipynb #dcf9a5ac
-ATTENTION_BACKENDS = ('sdpa', 'xformers', 'sliced', 'math')
+ATTENTION_BACKENDS = ('sdpa', 'xformers', 'sliced', 'math', 'chunked', 'sdpa_flash', 'sdpa_mem_efficient', 'sdpa_cudnn', 'flash_attn')

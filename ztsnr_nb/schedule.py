@@ -19,14 +19,14 @@ from .policies import (LOSS_WEIGHTINGS, SPACINGS, TERMINAL_ALPHA_BARS, TERMINAL_
 _Number = Union[int, float]
 
 # %% auto #0
-__all__ = ['append_dims', 'betas_scaled_linear', 'betas_linear', 'alpha_bar_from_betas', 'betas_from_alpha_bar',
+__all__ = ['WEIGHT_REGIONS', 'append_dims', 'betas_scaled_linear', 'betas_linear', 'alpha_bar_from_betas', 'betas_from_alpha_bar',
            'sigma_from_alpha_bar', 'alpha_bar_from_sigma', 'snr_from_alpha_bar', 'alpha_bar_from_snr', 'snr_from_sigma',
            'sigma_from_snr', 'logsnr_from_alpha_bar', 'alpha_bar_from_logsnr', 'logsnr_from_sigma', 'sigma_from_logsnr',
            'snr_from_logsnr', 'logsnr_from_snr', 'rescale_zero_terminal_snr', 'NoiseSchedule', 'latent_elements',
            'resolution_sigma_max', 'sampling_timesteps', 'karras_sigmas', 'sample_train_timesteps', 'add_noise',
            'v_target', 'x0_from_v', 'eps_from_v', 'v_from_eps', 'x0_from_eps', 'eps_from_x0', 'v_from_x0', 'c_skip',
-           'c_out', 'c_in', 'denoised_from_v', 'v_denoiser', 'loss_weight', 'cfg', 'cfg_rescale', 'sample_ddim',
-           'sample_euler', 'SolidOracle']
+           'c_out', 'c_in', 'denoised_from_v', 'v_denoiser', 'loss_weight', 'timestep_probs', 'weight_share', 'cfg',
+           'cfg_rescale', 'sample_ddim', 'sample_euler', 'SolidOracle']
 
 # %% ../nbs/01_schedule.ipynb #efdc5e5b
 def _f(x) -> torch.Tensor:
@@ -381,11 +381,13 @@ def v_denoiser(v_fn: Callable) -> Callable:
     return denoiser
 
 # %% ../nbs/01_schedule.ipynb #10202638
-def loss_weight(snr, kind: str = 'min_snr', prediction: str = 'v', gamma: float = 5.0, terminal_weight='one') -> torch.Tensor:
-    "Per-sample loss weight from SNR: MinSNR-γ (Hang et al. 2023), debiased (Yu et al. 2023) or none; SNR = 0 gets `terminal_weight`."
+def loss_weight(snr, kind: str = 'min_snr', prediction: str = 'v', gamma: float = 5.0, terminal_weight='one',
+                floor: float = 1.0) -> torch.Tensor:
+    "Per-sample loss weight from SNR: MinSNR-γ (Hang et al. 2023), MinSNR + `floor`, debiased (Yu et al. 2023) or none; SNR = 0 gets `terminal_weight`."
     p = normalize_prediction(prediction)
     if kind not in LOSS_WEIGHTINGS: raise ValueError(f"kind must be one of {LOSS_WEIGHTINGS}, got {kind!r}")
     if not (isinstance(gamma, (int, float)) and gamma > 0): raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0): raise ValueError(f"floor must be a finite number >= 0, got {floor!r}")
     tw = resolve_terminal_weight(terminal_weight)
     s = torch.as_tensor(snr).to(torch.float64)
     if torch.isnan(s).any() or (s < 0).any(): raise ValueError("loss_weight: snr must be >= 0 and not NaN")
@@ -393,8 +395,8 @@ def loss_weight(snr, kind: str = 'min_snr', prediction: str = 'v', gamma: float 
     if bool(zero.any()): check_prediction_for_schedule(p, True)
     sf = torch.where(zero, torch.ones_like(s), s)
     if kind == 'none': w = torch.ones_like(s)
-    elif kind == 'min_snr':
-        m = sf.clamp(max=gamma)
+    elif kind in ('min_snr', 'min_snr_floor'):
+        m = sf.clamp(max=gamma) + (floor if kind == 'min_snr_floor' else 0.0)    # λ, the weight on the x0 error
         w = {'sample': m, 'epsilon': m / sf, 'v': m / (sf + 1)}[p]
     else: w = {'sample': sf.sqrt(), 'epsilon': sf.rsqrt(), 'v': 1 / (sf + 1)}[p]
     w = torch.where(zero, torch.full_like(w, tw), w)
@@ -402,14 +404,34 @@ def loss_weight(snr, kind: str = 'min_snr', prediction: str = 'v', gamma: float 
 
 @patch
 def loss_weight(self: NoiseSchedule, timesteps, kind: str = 'min_snr', prediction: str = 'v', gamma: float = 5.0,
-                terminal_weight='one', device=None) -> torch.Tensor:
+                terminal_weight='one', device=None, floor: float = 1.0) -> torch.Tensor:
     "Float32 loss weights for training `timesteps`, from this (post-rescale) schedule's SNR; refuses ε + ZTSNR."
     check_prediction_for_schedule(prediction, self.ztsnr)
     t = torch.as_tensor(timesteps)
     if t.is_floating_point() or (t < 0).any() or (t >= self.n_steps).any():
         raise ValueError(f"timesteps must be integers in [0, {self.n_steps - 1}]")
-    w = loss_weight(self.snr[t.cpu()], kind, prediction, gamma, terminal_weight).float()
+    w = loss_weight(self.snr[t.cpu()], kind, prediction, gamma, terminal_weight, floor).float()
     return w.to(device if device is not None else t.device)
+
+# %% ../nbs/01_schedule.ipynb #e595d10b
+WEIGHT_REGIONS = {'t<=500': (0, 500), '501-800': (501, 800), '801-900': (801, 900), '901-998': (901, 998), 't=999': (999, 999)}
+
+def timestep_probs(n_train: int = 1000, dist: str = 'uniform', **kw) -> torch.Tensor:
+    "P(t) of `sample_train_timesteps(dist=...)` for every t in [0, n_train), float64 (logit_normal by 100k-point quadrature)."
+    check_timestep_dist(dist, 'dist')
+    p = {**TIMESTEP_DISTS[dist], **kw}
+    k = torch.arange(n_train + 1, dtype=torch.float64) / n_train
+    if dist == 'uniform': return torch.full((n_train,), 1.0 / n_train, dtype=torch.float64)
+    if dist == 'high_noise': return k[1:] ** p['power'] - k[:-1] ** p['power']
+    u = torch.sigmoid(p['loc'] + p['scale'] * torch.distributions.Normal(0, 1).icdf(torch.linspace(0, 1, 100_002, dtype=torch.float64)[1:-1]))
+    return torch.bincount((u * n_train).long().clamp(0, n_train - 1), minlength=n_train).double() / len(u)
+
+def weight_share(weights, probs=None, regions: dict = WEIGHT_REGIONS) -> dict[str, float]:
+    "Share of the expected loss weight Σ p(t) w(t) falling in each timestep region (uniform p when `probs` is None)."
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    pw = w * (torch.as_tensor(probs, dtype=torch.float64) if probs is not None else 1.0 / len(w))
+    tot = pw.sum()
+    return {name: (pw[a:b + 1].sum() / tot).item() for name, (a, b) in regions.items()}
 
 # %% ../nbs/01_schedule.ipynb #45ccd4e8
 def cfg(x_neg, x_pos, w: float):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 from PIL import Image
 
 # %% auto #0
@@ -163,39 +164,7 @@ class BucketBatchSampler:
         h.update(repr((self.batch_size, self.num_replicas, self.drop_last, self.shuffle, dynamic_pixels, self.bucket_sizes)).encode())
         self.fingerprint = h.hexdigest()[:16]
 
-    def bucket_batch_size(self, bucket: int) -> int:
-        "Per-rank batch size B_b of a bucket: batch_size, or min(batch_size, max(1, dynamic_pixels // (w·h)))."
-        if self.dynamic_pixels is None: return self.batch_size
-        w, h = self.bucket_sizes[bucket]
-        return min(self.batch_size, max(1, self.dynamic_pixels // (w * h)))
-
-    def _n_batches(self, n: int, bs: int) -> int:
-        "Global batches a bucket of n items gives."
-        g = bs * self.num_replicas
-        return n // g if self.drop_last else -(-n // g)
-
     def __len__(self) -> int: return sum(self._n_batches(n, bs) for _, n, bs in self._per_bucket)
-
-    def epoch_plan(self, epoch: int | None = None) -> list[np.ndarray]:
-        "All global batches of an epoch in order (each R·B_b item indices; rank r takes slice r). Same on every rank."
-        e = self.epoch if epoch is None else epoch
-        rng = np.random.default_rng([self.seed, e])
-        R = self.num_replicas
-        # shuffle within buckets: random keys, sort by (bucket, key)
-        keys = rng.random(self._items.size) if self.shuffle else np.arange(self._items.size, dtype=np.float64)
-        order = np.lexsort((keys, self._buckets))
-        items_sorted, starts = self._items[order], np.searchsorted(self._buckets[order], [k for k, _, _ in self._per_bucket])
-        batches: list[np.ndarray] = []
-        for (k, n, bs), s in zip(self._per_bucket, starts):
-            its, g = items_sorted[s:s + n], bs * R
-            full = n // g
-            batches += list(its[: full * g].reshape(full, g)) if full else []
-            rest = n - full * g
-            if rest and not self.drop_last:
-                m = -(-rest // R) * R
-                batches.append(np.resize(np.r_[its[full * g:], its], m) if m > rest else its[full * g:])
-        if self.shuffle: batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self._resume = self._resume, 0
@@ -206,31 +175,72 @@ class BucketBatchSampler:
             self._pos += 1
             yield gb[r * m:(r + 1) * m].tolist()
 
-    def set_epoch(self, epoch: int) -> None:
-        "Select the epoch (call before each epoch, like DistributedSampler); a pending resume for this epoch is kept."
-        epoch = int(epoch)
-        if epoch != self.epoch: self._resume, self._pos = 0, 0
-        self.epoch = epoch
-
-    def state_dict(self, consumed: int | None = None) -> dict:
-        "{'epoch', 'position' (batches done in the epoch; pass consumed= when a DataLoader prefetches), 'seed', 'fingerprint'}."
-        pos = self._pos if consumed is None else int(consumed)
-        return {'epoch': self.epoch, 'position': pos, 'seed': self.seed, 'fingerprint': self.fingerprint}
-
-    def load_state_dict(self, state: dict) -> None:
-        "Continue from a state_dict(): the next iteration yields the batches the interrupted run had not yet yielded."
-        if state.get('fingerprint') != self.fingerprint:
-            raise ValueError(f"state fingerprint {state.get('fingerprint')!r} != this sampler's {self.fingerprint!r}: the bucket "
-                             'assignment, repeats or batch settings changed since the checkpoint; rebuild the sampler with the same data and settings')
-        if state.get('seed') != self.seed:
-            raise ValueError(f"state seed={state.get('seed')!r} != seed={self.seed}: construct the sampler with the checkpoint's seed")
-        pos = int(state['position'])
-        if not 0 <= pos <= len(self): raise ValueError(f'state position={pos} is outside 0..{len(self)} batches per epoch')
-        self.epoch, self._resume, self._pos = int(state['epoch']), pos, pos
-
     def __repr__(self) -> str:
         return (f'BucketBatchSampler({self._items.size} items, {len(self._per_bucket)} buckets, batch_size={self.batch_size}, '
                 f'{len(self)} batches/epoch, rank {self.rank}/{self.num_replicas}, epoch {self.epoch})')
+
+# %% ../../nbs/22_data_buckets.ipynb #615243c5
+@patch
+def bucket_batch_size(self: BucketBatchSampler, bucket: int) -> int:
+    "Per-rank batch size B_b of a bucket: batch_size, or min(batch_size, max(1, dynamic_pixels // (w·h)))."
+    if self.dynamic_pixels is None: return self.batch_size
+    w, h = self.bucket_sizes[bucket]
+    return min(self.batch_size, max(1, self.dynamic_pixels // (w * h)))
+
+@patch
+def _n_batches(self: BucketBatchSampler, n: int, bs: int) -> int:
+    "Global batches a bucket of n items gives."
+    g = bs * self.num_replicas
+    return n // g if self.drop_last else -(-n // g)
+
+# %% ../../nbs/22_data_buckets.ipynb #3d398552
+@patch
+def epoch_plan(self: BucketBatchSampler, epoch: int | None = None) -> list[np.ndarray]:
+    "All global batches of an epoch in order (each R·B_b item indices; rank r takes slice r). Same on every rank."
+    e = self.epoch if epoch is None else epoch
+    rng = np.random.default_rng([self.seed, e])
+    R = self.num_replicas
+    # shuffle within buckets: random keys, sort by (bucket, key)
+    keys = rng.random(self._items.size) if self.shuffle else np.arange(self._items.size, dtype=np.float64)
+    order = np.lexsort((keys, self._buckets))
+    items_sorted, starts = self._items[order], np.searchsorted(self._buckets[order], [k for k, _, _ in self._per_bucket])
+    batches: list[np.ndarray] = []
+    for (k, n, bs), s in zip(self._per_bucket, starts):
+        its, g = items_sorted[s:s + n], bs * R
+        full = n // g
+        batches += list(its[: full * g].reshape(full, g)) if full else []
+        rest = n - full * g
+        if rest and not self.drop_last:
+            m = -(-rest // R) * R
+            batches.append(np.resize(np.r_[its[full * g:], its], m) if m > rest else its[full * g:])
+    if self.shuffle: batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+@patch
+def set_epoch(self: BucketBatchSampler, epoch: int) -> None:
+    "Select the epoch (call before each epoch, like DistributedSampler); a pending resume for this epoch is kept."
+    epoch = int(epoch)
+    if epoch != self.epoch: self._resume, self._pos = 0, 0
+    self.epoch = epoch
+
+# %% ../../nbs/22_data_buckets.ipynb #b950cc7e
+@patch
+def state_dict(self: BucketBatchSampler, consumed: int | None = None) -> dict:
+    "{'epoch', 'position' (batches done in the epoch; pass consumed= when a DataLoader prefetches), 'seed', 'fingerprint'}."
+    pos = self._pos if consumed is None else int(consumed)
+    return {'epoch': self.epoch, 'position': pos, 'seed': self.seed, 'fingerprint': self.fingerprint}
+
+@patch
+def load_state_dict(self: BucketBatchSampler, state: dict) -> None:
+    "Continue from a state_dict(): the next iteration yields the batches the interrupted run had not yet yielded."
+    if state.get('fingerprint') != self.fingerprint:
+        raise ValueError(f"state fingerprint {state.get('fingerprint')!r} != this sampler's {self.fingerprint!r}: the bucket "
+                         'assignment, repeats or batch settings changed since the checkpoint; rebuild the sampler with the same data and settings')
+    if state.get('seed') != self.seed:
+        raise ValueError(f"state seed={state.get('seed')!r} != seed={self.seed}: construct the sampler with the checkpoint's seed")
+    pos = int(state['position'])
+    if not 0 <= pos <= len(self): raise ValueError(f'state position={pos} is outside 0..{len(self)} batches per epoch')
+    self.epoch, self._resume, self._pos = int(state['epoch']), pos, pos
 
 # %% ../../nbs/22_data_buckets.ipynb #09a84512
 def bucket_records(records, buckets: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset
 
 from .sources import ImageRecord, scan_source
@@ -81,21 +82,6 @@ def text_cache_usable(augment: CaptionAugment | None) -> bool:
     return augment is None or not augment.changes_text
 
 # %% ../../nbs/25_data_dataset.ipynb #93326fba
-def _weights_for(records: Sequence[ImageRecord], weights, n_all: int, kept: list[int]) -> np.ndarray:
-    "Per-record weights from None / a sequence over all records / a mapping key→weight / a callable(record)→weight."
-    if weights is None: w = np.ones(len(kept))
-    elif callable(weights): w = np.array([float(weights(records[j])) for j in kept])
-    elif isinstance(weights, Mapping): w = np.array([float(weights.get(records[j].id, 1.0)) for j in kept])
-    else:
-        w_all = np.asarray(weights, dtype=np.float64)
-        if w_all.shape != (n_all,):
-            raise ValueError(f'weights has shape {w_all.shape} but there are {n_all} records: pass one weight per record, '
-                             'a dict {record.id: weight}, or a function of the record')
-        w = w_all[kept]
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f'weights must be finite and >= 0; got e.g. {w[~(np.isfinite(w) & (w >= 0))][:3].tolist()}')
-    return w.astype(np.float32)
-
 class CachedLatentDataset(Dataset):
     "Training samples from a LatentCache: latents (sampled), text embeddings (cached) or token ids, time ids, weight."
     def __init__(self, cache: LatentCache, records: Sequence[ImageRecord], text_cache: TextEmbeddingCache | None = None,
@@ -121,32 +107,10 @@ class CachedLatentDataset(Dataset):
         if self.flip_p > 0 and not all(cache.has_flip(k) for k in self.keys):
             raise ValueError(f'flip_p={flip_p} needs the mirrored latents: build the latent cache with flip_variants=True')
         self.norm = cache.latent_norm
-        if text_cache is not None and not text_cache_usable(augment):
-            logger.warning(TEXT_CACHE_TRADEOFF); text_cache = None
-        self.text_cache, self.tokenizers = text_cache, tokenizers
-        if text_cache is not None:
-            needed = set(self.captions) | ({''} if augment is not None and augment.caption_dropout > 0 else set())
-            missing = [c for c in needed if c not in text_cache]
-            if missing:
-                raise ValueError(f'{len(missing)} captions are not in the text cache at {text_cache.folder} (e.g. {missing[0][:60]!r}): '
-                                 'build it over the dataset captions, plus "" when caption_dropout > 0')
-            self.text_mode = 'embeds'
-        elif tokenizers is not None:
-            if len(tokenizers) != 2: raise ValueError('tokenizers must be the pair (tokenizer, tokenizer_2)')
-            self.text_mode = 'tokens'
-        else:
-            raise ValueError('pass text_cache= (static captions, embeddings read from the cache) or '
-                             'tokenizers=(tokenizer, tokenizer_2) (token ids, text encoded on the fly by the trainer)')
+        self.text_cache, self.text_mode = _text_source(text_cache, tokenizers, augment, self.captions)
+        self.tokenizers = tokenizers
 
     def __len__(self) -> int: return len(self.records)
-
-    def set_epoch(self, epoch: int) -> None:
-        "Epoch used for plain-int indices (the loader's (index, epoch) pairs carry their own)."
-        self.epoch = int(epoch)
-
-    def set_weights(self, weights) -> None:
-        "Replace the per-sample weights (one per dataset item, a dict key→weight, or a function of the record)."
-        self.weights = _weights_for(self.records, weights, len(self.records), list(range(len(self.records))))
 
     def __getitem__(self, idx) -> dict:
         i, epoch = idx if isinstance(idx, tuple) else (idx, self.epoch)
@@ -163,17 +127,66 @@ class CachedLatentDataset(Dataset):
         caption = self.augment(self.captions[i], rng) if self.augment is not None else self.captions[i]
         out = dict(latents=z.to(self.dtype), time_ids=torch.tensor(e.time_ids, dtype=torch.float32), weight=torch.tensor(self.weights[i]), key=key,
                    caption=caption, index=i, epoch=epoch, flip=flip)
-        if self.text_mode == 'embeds':
-            t = self.text_cache.get(caption, copy=False)
-            out.update(prompt_embeds=t.prompt_embeds.to(self.dtype, copy=True),
-                       pooled_prompt_embeds=t.pooled_prompt_embeds.to(self.dtype, copy=True))
-        else:
-            out.update(input_ids_1=tokenize(self.tokenizers[0], [caption])[0], input_ids_2=tokenize(self.tokenizers[1], [caption])[0])
+        out.update(self._text_inputs(caption))
         return out
 
     def __repr__(self) -> str:
         return (f'CachedLatentDataset({len(self)} items, {len(set(self.bucket_indices))} buckets, text={self.text_mode}, '
                 f'augment={self.augment}, flip_p={self.flip_p}, sample_latents={self.sample_latents})')
+
+# %% ../../nbs/25_data_dataset.ipynb #789dbaf6
+def _text_source(text_cache: TextEmbeddingCache | None, tokenizers: tuple | None, augment: CaptionAugment | None,
+                 captions: list[str]) -> tuple[TextEmbeddingCache | None, str]:
+    "(text cache to read, or None; text mode 'embeds' | 'tokens'): the cache when augmentation allows, else the tokenizers."
+    if text_cache is not None and not text_cache_usable(augment):
+        logger.warning(TEXT_CACHE_TRADEOFF); text_cache = None
+    if text_cache is not None:
+        needed = set(captions) | ({''} if augment is not None and augment.caption_dropout > 0 else set())
+        missing = [c for c in needed if c not in text_cache]
+        if missing:
+            raise ValueError(f'{len(missing)} captions are not in the text cache at {text_cache.folder} (e.g. {missing[0][:60]!r}): '
+                             'build it over the dataset captions, plus "" when caption_dropout > 0')
+        return text_cache, 'embeds'
+    if tokenizers is not None:
+        if len(tokenizers) != 2: raise ValueError('tokenizers must be the pair (tokenizer, tokenizer_2)')
+        return text_cache, 'tokens'
+    raise ValueError('pass text_cache= (static captions, embeddings read from the cache) or '
+                     'tokenizers=(tokenizer, tokenizer_2) (token ids, text encoded on the fly by the trainer)')
+
+@patch
+def _text_inputs(self: CachedLatentDataset, caption: str) -> dict:
+    "A sample's text conditioning: cached embeddings (copied out of the map, in `dtype`) or the two token id rows."
+    if self.text_mode == 'embeds':
+        t = self.text_cache.get(caption, copy=False)
+        return dict(prompt_embeds=t.prompt_embeds.to(self.dtype, copy=True),
+                    pooled_prompt_embeds=t.pooled_prompt_embeds.to(self.dtype, copy=True))
+    return dict(input_ids_1=tokenize(self.tokenizers[0], [caption])[0], input_ids_2=tokenize(self.tokenizers[1], [caption])[0])
+
+# %% ../../nbs/25_data_dataset.ipynb #4805e882
+def _weights_for(records: Sequence[ImageRecord], weights, n_all: int, kept: list[int]) -> np.ndarray:
+    "Per-record weights from None / a sequence over all records / a mapping key→weight / a callable(record)→weight."
+    if weights is None: w = np.ones(len(kept))
+    elif callable(weights): w = np.array([float(weights(records[j])) for j in kept])
+    elif isinstance(weights, Mapping): w = np.array([float(weights.get(records[j].id, 1.0)) for j in kept])
+    else:
+        w_all = np.asarray(weights, dtype=np.float64)
+        if w_all.shape != (n_all,):
+            raise ValueError(f'weights has shape {w_all.shape} but there are {n_all} records: pass one weight per record, '
+                             'a dict {record.id: weight}, or a function of the record')
+        w = w_all[kept]
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f'weights must be finite and >= 0; got e.g. {w[~(np.isfinite(w) & (w >= 0))][:3].tolist()}')
+    return w.astype(np.float32)
+
+@patch
+def set_epoch(self: CachedLatentDataset, epoch: int) -> None:
+    "Epoch used for plain-int indices (the loader's (index, epoch) pairs carry their own)."
+    self.epoch = int(epoch)
+
+@patch
+def set_weights(self: CachedLatentDataset, weights) -> None:
+    "Replace the per-sample weights (one per dataset item, a dict key→weight, or a function of the record)."
+    self.weights = _weights_for(self.records, weights, len(self.records), list(range(len(self.records))))
 
 # %% ../../nbs/25_data_dataset.ipynb #2a99846c
 def collate_samples(samples: list[dict]) -> dict:

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -143,42 +144,6 @@ class ShardStore:
         if kind is not None and kind != self.kind:
             raise ValueError(f'folder={str(self.folder)!r} holds a {kind} cache, not a {self.kind} cache: use another folder')
 
-    # -- SQLite -----------------------------------------------------------------------------------------------------
-    @property
-    def db(self) -> sqlite3.Connection:
-        "This process's connection (a forked child opens its own: SQLite connections must not cross fork)."
-        if self._con is None:
-            path = self.folder / 'index.sqlite'
-            try:
-                con = sqlite3.connect(path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-                con.execute('PRAGMA journal_mode=WAL'); con.execute('PRAGMA synchronous=NORMAL')
-                con.executescript(_SCHEMA + 'CREATE TABLE IF NOT EXISTS items(key TEXT PRIMARY KEY, shard INTEGER NOT NULL, '
-                                  f'slot INTEGER NOT NULL{self.item_columns});')
-            except sqlite3.DatabaseError as e:
-                raise ValueError(f'{path}: cannot open the cache index ({e}): delete the folder to rebuild the cache, '
-                                 'or pass another folder') from None
-            self._con = con
-        return self._con
-
-    @contextmanager
-    def _tx(self):
-        "One write transaction (BEGIN IMMEDIATE: takes the write lock up front, waits up to `timeout` for it)."
-        con = self.db
-        con.execute('BEGIN IMMEDIATE')
-        try: yield con
-        except BaseException: con.execute('ROLLBACK'); raise
-        else: con.execute('COMMIT')
-
-    def meta(self, k: str, default=None):
-        "A value of the meta table (JSON-decoded), or default."
-        row = self.db.execute('SELECT v FROM meta WHERE k=?', (k,)).fetchone()
-        return default if row is None else json.loads(row[0])
-
-    @property
-    def fingerprint(self) -> str | None: return self.meta('fingerprint')
-    @property
-    def settings(self) -> dict: return self.meta('settings', {})
-
     def __len__(self) -> int: return self.db.execute('SELECT count(*) FROM items').fetchone()[0]
 
     def __getstate__(self):
@@ -190,113 +155,161 @@ class ShardStore:
 
     def _shard_path(self, name: str) -> Path: return self.folder / 'shards' / name
 
-    # -- starting a build -------------------------------------------------------------------------------------------
-    def _begin(self, fingerprint: str, settings: dict) -> int:
-        "Adopt `fingerprint`; a different stored one discards the whole cache. Returns the number of items discarded."
-        self._fp = fingerprint
-        with self._tx() as con:
-            old = self.meta('fingerprint')
-            if old == fingerprint: return 0
-            dead = [n for (n,) in con.execute('SELECT name FROM shards')]
-            n = con.execute('SELECT count(*) FROM items').fetchone()[0]
-            con.execute('DELETE FROM items'); con.execute('DELETE FROM shards')
-            con.executemany('INSERT OR REPLACE INTO meta VALUES (?, ?)',
-                            [(k, _json(v)) for k, v in (('fingerprint', fingerprint), ('kind', self.kind),
-                                                        ('format', CACHE_FORMAT_VERSION), ('settings', settings))])
-        for name in dead: self._shard_path(name).unlink(missing_ok=True)
-        if old is not None:
-            logger.warning('%s cache %s was built with other settings or another model (fingerprint %s, now %s): '
-                           'discarded %d cached items; they will be encoded again', self.kind, self.folder, old[:12],
-                           fingerprint[:12], n)
-        self._forget()
-        return n
-
-    @contextmanager
-    def _rank_lock(self, rank: int):
-        "Hold locks/r{rank}.lock for a build; a second builder of the same rank gets a clear error."
-        if fcntl is None: yield; return
-        f = open(self.folder / 'locks' / f'r{rank:03d}.lock', 'a+')
+# %% ../../nbs/23_data_latent_cache.ipynb #d8e05b1c
+@patch(as_prop=True)
+def db(self: ShardStore) -> sqlite3.Connection:
+    "This process's connection (a forked child opens its own: SQLite connections must not cross fork)."
+    if self._con is None:
+        path = self.folder / 'index.sqlite'
         try:
-            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RuntimeError(f'{self.folder}: another process is building rank {rank} of this cache; wait for it '
-                                   'to finish, or give each process its own rank (rank=, world_size=)') from None
-            yield
-        finally: f.close()
+            con = sqlite3.connect(path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            con.execute('PRAGMA journal_mode=WAL'); con.execute('PRAGMA synchronous=NORMAL')
+            con.executescript(_SCHEMA + 'CREATE TABLE IF NOT EXISTS items(key TEXT PRIMARY KEY, shard INTEGER NOT NULL, '
+                              f'slot INTEGER NOT NULL{self.item_columns});')
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f'{path}: cannot open the cache index ({e}): delete the folder to rebuild the cache, '
+                             'or pass another folder') from None
+        self._con = con
+    return self._con
 
-    def _repair(self, rank: int) -> int:
-        "Delete this rank's orphan shard files (written, never committed); drop index rows whose shard file is gone."
-        names = {n for (n,) in self.db.execute('SELECT name FROM shards')}
-        seq = 0
-        for p in (self.folder / 'shards').iterdir():
-            m = _SHARD_RE.match(p.name)
-            if not m or int(m.group(1)) != rank: continue
-            if m.group(3) or p.name not in names:
-                logger.info('removing orphan shard %s (its items were never committed; they will be encoded again)', p)
-                p.unlink(missing_ok=True)
-            else: seq = max(seq, int(m.group(2)))
-        missing = [(i, n) for i, n in self.db.execute('SELECT id, name FROM shards') if not self._shard_path(n).exists()]
-        if missing:
-            with self._tx() as con:
-                for i, n in missing:
-                    k = con.execute('DELETE FROM items WHERE shard=?', (i,)).rowcount
-                    con.execute('DELETE FROM shards WHERE id=?', (i,))
-                    logger.warning('shard %s is missing from %s: its %d items will be encoded again', n, self.folder, k)
-            self._forget()
-        return max(seq, int(self.meta(f'seq.r{rank}', 0)))
+@patch
+@contextmanager
+def _tx(self: ShardStore):
+    "One write transaction (BEGIN IMMEDIATE: takes the write lock up front, waits up to `timeout` for it)."
+    con = self.db
+    con.execute('BEGIN IMMEDIATE')
+    try: yield con
+    except BaseException: con.execute('ROLLBACK'); raise
+    else: con.execute('COMMIT')
 
-    # -- writing ----------------------------------------------------------------------------------------------------
-    def _commit_shard(self, rank: int, seq: int, tensors: dict, rows: list[dict]) -> str:
-        "Write a shard atomically (tmp → fsync → rename), then commit its rows in one transaction."
-        name = f'r{rank:03d}-{seq:06d}.safetensors'
-        path = self._shard_path(name); tmp = path.with_name(name + '.tmp')
-        save_file(tensors, str(tmp), metadata={'format': 'ztsnr_nb', 'kind': self.kind,
-                                               'version': str(CACHE_FORMAT_VERSION), 'fingerprint': str(self._fp)})
-        _fsync(tmp); os.replace(tmp, path); _fsync(path.parent, directory=True)
-        cols = ['key', 'shard', 'slot'] + [c for c in rows[0] if c not in ('key', 'slot')]
-        sql = f'INSERT OR REPLACE INTO items({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))})'
+@patch
+def meta(self: ShardStore, k: str, default=None):
+    "A value of the meta table (JSON-decoded), or default."
+    row = self.db.execute('SELECT v FROM meta WHERE k=?', (k,)).fetchone()
+    return default if row is None else json.loads(row[0])
+
+@patch(as_prop=True)
+def fingerprint(self: ShardStore) -> str | None: return self.meta('fingerprint')
+
+@patch(as_prop=True)
+def settings(self: ShardStore) -> dict: return self.meta('settings', {})
+
+# %% ../../nbs/23_data_latent_cache.ipynb #d13dd092
+@patch
+def _begin(self: ShardStore, fingerprint: str, settings: dict) -> int:
+    "Adopt `fingerprint`; a different stored one discards the whole cache. Returns the number of items discarded."
+    self._fp = fingerprint
+    with self._tx() as con:
+        old = self.meta('fingerprint')
+        if old == fingerprint: return 0
+        dead = [n for (n,) in con.execute('SELECT name FROM shards')]
+        n = con.execute('SELECT count(*) FROM items').fetchone()[0]
+        con.execute('DELETE FROM items'); con.execute('DELETE FROM shards')
+        con.executemany('INSERT OR REPLACE INTO meta VALUES (?, ?)',
+                        [(k, _json(v)) for k, v in (('fingerprint', fingerprint), ('kind', self.kind),
+                                                    ('format', CACHE_FORMAT_VERSION), ('settings', settings))])
+    for name in dead: self._shard_path(name).unlink(missing_ok=True)
+    if old is not None:
+        logger.warning('%s cache %s was built with other settings or another model (fingerprint %s, now %s): '
+                       'discarded %d cached items; they will be encoded again', self.kind, self.folder, old[:12],
+                       fingerprint[:12], n)
+    self._forget()
+    return n
+
+# %% ../../nbs/23_data_latent_cache.ipynb #481a4688
+@patch
+@contextmanager
+def _rank_lock(self: ShardStore, rank: int):
+    "Hold locks/r{rank}.lock for a build; a second builder of the same rank gets a clear error."
+    if fcntl is None: yield; return
+    f = open(self.folder / 'locks' / f'r{rank:03d}.lock', 'a+')
+    try:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f'{self.folder}: another process is building rank {rank} of this cache; wait for it '
+                               'to finish, or give each process its own rank (rank=, world_size=)') from None
+        yield
+    finally: f.close()
+
+@patch
+def _repair(self: ShardStore, rank: int) -> int:
+    "Delete this rank's orphan shard files (written, never committed); drop index rows whose shard file is gone."
+    names = {n for (n,) in self.db.execute('SELECT name FROM shards')}
+    seq = 0
+    for p in (self.folder / 'shards').iterdir():
+        m = _SHARD_RE.match(p.name)
+        if not m or int(m.group(1)) != rank: continue
+        if m.group(3) or p.name not in names:
+            logger.info('removing orphan shard %s (its items were never committed; they will be encoded again)', p)
+            p.unlink(missing_ok=True)
+        else: seq = max(seq, int(m.group(2)))
+    missing = [(i, n) for i, n in self.db.execute('SELECT id, name FROM shards') if not self._shard_path(n).exists()]
+    if missing:
         with self._tx() as con:
-            if self.meta('fingerprint') != self._fp:
-                raise RuntimeError(f'{self.folder}: another process reset this cache with other settings while rank {rank} '
-                                   'was building; run all ranks with the same model and settings')
-            sid = con.execute('INSERT INTO shards(name, rank, n_items, nbytes, created) VALUES (?, ?, ?, ?, ?)',
-                              (name, rank, len(rows), path.stat().st_size, time.time())).lastrowid
-            con.executemany(sql, [tuple(sid if c == 'shard' else r[c] for c in cols) for r in rows])
-            con.execute('INSERT OR REPLACE INTO meta VALUES (?, ?)', (f'seq.r{rank}', _json(seq)))
+            for i, n in missing:
+                k = con.execute('DELETE FROM items WHERE shard=?', (i,)).rowcount
+                con.execute('DELETE FROM shards WHERE id=?', (i,))
+                logger.warning('shard %s is missing from %s: its %d items will be encoded again', n, self.folder, k)
         self._forget()
-        return name
+    return max(seq, int(self.meta(f'seq.r{rank}', 0)))
 
-    def gc(self) -> int:
-        "Delete shards none of whose items are live any more (all re-encoded elsewhere); returns how many."
-        with self._tx() as con:
-            dead = con.execute('SELECT id, name FROM shards WHERE id NOT IN (SELECT DISTINCT shard FROM items)').fetchall()
-            con.executemany('DELETE FROM shards WHERE id=?', [(i,) for i, _ in dead])
-        for _, n in dead: self._shard_path(n).unlink(missing_ok=True)
-        return len(dead)
+# %% ../../nbs/23_data_latent_cache.ipynb #1a1d9534
+@patch
+def _commit_shard(self: ShardStore, rank: int, seq: int, tensors: dict, rows: list[dict]) -> str:
+    "Write a shard atomically (tmp → fsync → rename), then commit its rows in one transaction."
+    name = f'r{rank:03d}-{seq:06d}.safetensors'
+    path = self._shard_path(name); tmp = path.with_name(name + '.tmp')
+    save_file(tensors, str(tmp), metadata={'format': 'ztsnr_nb', 'kind': self.kind,
+                                           'version': str(CACHE_FORMAT_VERSION), 'fingerprint': str(self._fp)})
+    _fsync(tmp); os.replace(tmp, path); _fsync(path.parent, directory=True)
+    cols = ['key', 'shard', 'slot'] + [c for c in rows[0] if c not in ('key', 'slot')]
+    sql = f'INSERT OR REPLACE INTO items({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))})'
+    with self._tx() as con:
+        if self.meta('fingerprint') != self._fp:
+            raise RuntimeError(f'{self.folder}: another process reset this cache with other settings while rank {rank} '
+                               'was building; run all ranks with the same model and settings')
+        sid = con.execute('INSERT INTO shards(name, rank, n_items, nbytes, created) VALUES (?, ?, ?, ?, ?)',
+                          (name, rank, len(rows), path.stat().st_size, time.time())).lastrowid
+        con.executemany(sql, [tuple(sid if c == 'shard' else r[c] for c in cols) for r in rows])
+        con.execute('INSERT OR REPLACE INTO meta VALUES (?, ?)', (f'seq.r{rank}', _json(seq)))
+    self._forget()
+    return name
 
-    def disk_bytes(self) -> int:
-        "Bytes of all committed shards."
-        return self.db.execute('SELECT coalesce(sum(nbytes), 0) FROM shards').fetchone()[0]
+@patch
+def gc(self: ShardStore) -> int:
+    "Delete shards none of whose items are live any more (all re-encoded elsewhere); returns how many."
+    with self._tx() as con:
+        dead = con.execute('SELECT id, name FROM shards WHERE id NOT IN (SELECT DISTINCT shard FROM items)').fetchall()
+        con.executemany('DELETE FROM shards WHERE id=?', [(i,) for i, _ in dead])
+    for _, n in dead: self._shard_path(n).unlink(missing_ok=True)
+    return len(dead)
 
-    # -- reading ----------------------------------------------------------------------------------------------------
-    def _forget(self) -> None:
-        "Drop the in-memory index (reloaded on the next read)."
-        self._index = None
+@patch
+def disk_bytes(self: ShardStore) -> int:
+    "Bytes of all committed shards."
+    return self.db.execute('SELECT coalesce(sum(nbytes), 0) FROM shards').fetchone()[0]
 
-    def _handle(self, name: str):
-        "A cached `safe_open` handle for a shard (LRU of max_open_shards; per process)."
-        h = self._handles.get(name)
-        if h is not None: self._handles.move_to_end(name); return h
-        path = self._shard_path(name)
-        try: h = safe_open(str(path), framework='pt')
-        except FileNotFoundError:
-            raise FileNotFoundError(f'{path}: a shard listed in the cache index is missing; run the cache build again '
-                                    'to re-encode its items') from None
-        except Exception as e:
-            raise ValueError(f'{path}: cannot read the shard ({e}); delete it and run the cache build again') from None
-        self._handles[name] = h
-        if len(self._handles) > self.max_open_shards: self._handles.popitem(last=False)
-        return h
+# %% ../../nbs/23_data_latent_cache.ipynb #56cef197
+@patch
+def _forget(self: ShardStore) -> None:
+    "Drop the in-memory index (reloaded on the next read)."
+    self._index = None
+
+@patch
+def _handle(self: ShardStore, name: str):
+    "A cached `safe_open` handle for a shard (LRU of max_open_shards; per process)."
+    h = self._handles.get(name)
+    if h is not None: self._handles.move_to_end(name); return h
+    path = self._shard_path(name)
+    try: h = safe_open(str(path), framework='pt')
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path}: a shard listed in the cache index is missing; run the cache build again '
+                                'to re-encode its items') from None
+    except Exception as e:
+        raise ValueError(f'{path}: cannot read the shard ({e}); delete it and run the cache build again') from None
+    self._handles[name] = h
+    if len(self._handles) > self.max_open_shards: self._handles.popitem(last=False)
+    return h
 
 # %% ../../nbs/23_data_latent_cache.ipynb #eaa5337e
 class _ShardWriter:
@@ -431,149 +444,174 @@ class LatentCache(ShardStore):
     item_columns = (', source TEXT, size INTEGER, mtime_ns INTEGER, hash TEXT, width INTEGER, height INTEGER, '
                     'bucket_w INTEGER, bucket_h INTEGER, time_ids TEXT, time_ids_flip TEXT, has_flip INTEGER, has_std INTEGER')
 
-    def build(self, records: Sequence[ImageRecord], vae, buckets: Sequence[tuple[int, int]], *, crop: str = 'center',
-              flip_variants: bool = False, batch_size: int = 8, shard_size: int = 256, dtype: torch.dtype = torch.float16,
-              store_std: bool = True, encode_dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
-              world_size: int = 1, num_load_threads: int = 2, flush_every_s: float = 120.0, verify_hash: bool = False,
-              progress: bool = True, fingerprint: str | None = None) -> CacheReport:
-        "Encode every record this rank owns that is not cached (or changed), shard by shard; resumable after a kill."
-        t0 = time.perf_counter()
-        _check_rank(rank, world_size); _positive('batch_size', batch_size); _positive('shard_size', shard_size)
-        _positive('flush_every_s', flush_every_s, float)
-        if crop not in ('center', 'random'): raise ValueError(f"crop={crop!r}: use 'center' or 'random'")
-        if isinstance(num_load_threads, bool) or not isinstance(num_load_threads, int) or num_load_threads < 0:
-            raise ValueError(f'num_load_threads={num_load_threads!r}: must be an integer >= 0 (0 loads in the main thread)')
-        buckets = [(int(w), int(h)) for w, h in buckets]
-        if not buckets or any(w % 8 or h % 8 for w, h in buckets):
-            raise ValueError(f'buckets={buckets[:4]}...: pass a non-empty list of (w, h) with sides divisible by 8 (the VAE downsamples 8x), '
-                             'e.g. ztsnr_nb.data.buckets.make_buckets()')
-        records = list(records)
-        keys = [r.id for r in records]
-        if len(set(keys)) != len(keys):
-            dup = next(k for k, c in Counter(keys).items() if c > 1)
-            raise ValueError(f'records contain {dup!r} more than once: pass each image once (kohya repeats go to the sampler)')
-        fp = fingerprint or latent_fingerprint(vae, buckets, crop, seed, dtype, store_std, encode_dtype)
-        settings = dict(buckets=buckets, crop=crop, seed=seed, dtype=str(dtype), store_std=bool(store_std),
-                        **dataclasses.asdict(LatentNorm.of(vae)),
-                        latent_channels=getattr(vae.config, 'latent_channels', None))
-        rep = CacheReport('latent', total=len(records))
-        with self._rank_lock(rank):
-            rep.discarded = self._begin(fp, settings)
-            writer = _ShardWriter(self, rank, shard_size, flush_every_s)
-            todo = self._plan(records, rank, world_size, flip_variants, verify_hash, rep, progress)
-            bidx = assign_buckets([r.width for r in todo], [r.height for r in todo], buckets) if todo else []
-            by_bucket: dict[int, list] = {}
-            for r, b in zip(todo, bidx): by_bucket.setdefault(int(b), []).append(r)
-            batches = [(buckets[b], rs[i:i + batch_size]) for b, rs in sorted(by_bucket.items()) for i in range(0, len(rs), batch_size)]
-            jobs = ([(r, bk, crop, seed, flip_variants) for r in rs] for bk, rs in batches)
-            pool = ThreadPoolExecutor(num_load_threads, thread_name_prefix='latent-load') if num_load_threads else None
-            bar = tqdm(total=len(todo), desc=f'latents r{rank}', unit='img', disable=not progress)
-            try:
-                with vae_in_dtype(vae, encode_dtype):
-                    for loaded in _prefetch(jobs, _safe_load, pool):
-                        good = [x for x in loaded if isinstance(x, _Loaded)]
-                        for x in loaded:
-                            if not isinstance(x, _Loaded): rep.fail(*x)
-                        if good: self._encode_batch(vae, good, writer, dtype, store_std, flip_variants, rep)
-                        bar.update(len(loaded))
-                writer.flush()
-            finally:
-                bar.close()
-                if pool is not None: pool.shutdown(wait=True, cancel_futures=True)
-                rep.shards_written = writer.shards
-        self.gc(); self._forget()
-        rep.seconds = time.perf_counter() - t0
-        return rep
-
-    def _plan(self, records, rank, world_size, flip_variants, verify_hash, rep, progress=False) -> list[ImageRecord]:
-        "Records of this rank that need encoding; unchanged ones counted as cached, touched ones refreshed."
-        have = {k: (s, m, h, f) for k, s, m, h, f in self.db.execute('SELECT key, size, mtime_ns, hash, has_flip FROM items')}
-        todo, touch = [], []
-        for rec in tqdm(records, desc=f'check r{rank}', unit='img', disable=not progress, leave=False):
-            if key_owner(rec.id, world_size) != rank: continue
-            rep.owned += 1
-            old = have.get(rec.id)
-            if old is None or (flip_variants and not old[3]): todo.append(rec); continue
-            try: size, mtime = _stat(rec)
-            except OSError as e: rep.fail(rec.id, 'unreadable', f'{e.strerror or e}'); continue
-            if not verify_hash and mtime is not None and (size, mtime) == (old[0], old[1]): rep.cached += 1; continue
-            try: same = bytes_digest(rec.read_bytes()) == old[2]
-            except OSError as e: rep.fail(rec.id, 'unreadable', f'{e.strerror or e}'); continue
-            if same: touch.append((size, mtime, rec.id)); rep.cached += 1; rep.refreshed += 1
-            else: todo.append(rec)
-        if touch:
-            with self._tx() as con: con.executemany('UPDATE items SET size=?, mtime_ns=? WHERE key=?', touch)
-        return todo
-
-    def _encode_batch(self, vae, good: list[_Loaded], writer: _ShardWriter, dtype, store_std, flip, rep) -> None:
-        "Encode one bucket batch (and its mirrored twin) and hand finite results to the writer."
-        mean, std = encode_latent_dist(vae, torch.stack([x.pixels for x in good]))
-        if flip: mean_f, std_f = encode_latent_dist(vae, torch.stack([x.pixels_flip for x in good]))
-        for i, x in enumerate(good):
-            t = {'mean': mean[i], 'std': std[i]} if store_std else {'mean': mean[i]}
-            if flip: t.update({'flip.mean': mean_f[i], 'flip.std': std_f[i]} if store_std else {'flip.mean': mean_f[i]})
-            if not all(bool(torch.isfinite(v).all()) for v in t.values()):
-                rep.fail(x.key, 'nonfinite_latent', 'the VAE produced NaN/inf: encode in fp32 (encode_dtype=torch.float32) '
-                         'or use an fp16-fixed VAE'); continue
-            writer.add({k: v.to(dtype) for k, v in t.items()}, {**x.row, 'has_std': int(store_std)})
-            rep.encoded += 1
-
-    # -- reading ----------------------------------------------------------------------------------------------------
-    def _idx(self) -> _LatentIndex:
-        "The index in memory: a dict key → (shard, slot, flags, row) and arrays (loaded once per process; refreshed after a build)."
-        if self._index is None:
-            rows = self.db.execute('SELECT i.key, s.name, i.slot, i.has_std, i.has_flip, i.bucket_w, i.bucket_h, i.time_ids, '
-                                   'i.time_ids_flip FROM items i JOIN shards s ON s.id = i.shard').fetchall()
-            n = len(rows)
-            names, bks = {}, {}   # one object per distinct shard name / bucket
-            pos = {r[0]: (names.setdefault(r[1], r[1]), int(r[2]), bool(r[3]), bool(r[4]), bks.setdefault((r[5], r[6]), (r[5], r[6])), i)
-                   for i, r in enumerate(rows)}
-            tid = np.array([json.loads(r[7]) for r in rows], dtype=np.int32).reshape(n, 6)
-            tidf = np.array([json.loads(r[8]) if r[8] else [0] * 6 for r in rows], dtype=np.int32).reshape(n, 6)
-            self._index = _LatentIndex(pos, tid, tidf)
-        return self._index
-
-    def keys(self) -> list[str]: return list(self._idx().pos)
     def __contains__(self, key) -> bool: return key in self._idx().pos
 
-    def _loc(self, key: str) -> tuple:
-        hit = self._idx().pos.get(key)
-        if hit is None:
-            raise KeyError(f'{key!r} is not in the latent cache at {self.folder}: run LatentCache.build over its record '
-                           '(failed items are listed in the build report)')
-        return hit
+# %% ../../nbs/23_data_latent_cache.ipynb #84716558
+def _check_latent_build(records, buckets, crop, batch_size, shard_size, flush_every_s, num_load_threads, rank, world_size):
+    "(records, buckets) of a LatentCache.build as lists, after checking every argument; ValueError naming a bad one."
+    _check_rank(rank, world_size); _positive('batch_size', batch_size); _positive('shard_size', shard_size)
+    _positive('flush_every_s', flush_every_s, float)
+    if crop not in ('center', 'random'): raise ValueError(f"crop={crop!r}: use 'center' or 'random'")
+    if isinstance(num_load_threads, bool) or not isinstance(num_load_threads, int) or num_load_threads < 0:
+        raise ValueError(f'num_load_threads={num_load_threads!r}: must be an integer >= 0 (0 loads in the main thread)')
+    buckets = [(int(w), int(h)) for w, h in buckets]
+    if not buckets or any(w % 8 or h % 8 for w, h in buckets):
+        raise ValueError(f'buckets={buckets[:4]}...: pass a non-empty list of (w, h) with sides divisible by 8 (the VAE downsamples 8x), '
+                         'e.g. ztsnr_nb.data.buckets.make_buckets()')
+    records = list(records)
+    keys = [r.id for r in records]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, c in Counter(keys).items() if c > 1)
+        raise ValueError(f'records contain {dup!r} more than once: pass each image once (kohya repeats go to the sampler)')
+    return records, buckets
 
-    def bucket_of(self, key: str) -> tuple[int, int]:
-        "The bucket (w, h) an image was cached at."
-        return self._loc(key)[4]
+def _bucket_batches(todo: list[ImageRecord], buckets: list[tuple[int, int]], batch_size: int) -> list[tuple[tuple[int, int], list]]:
+    "(bucket, records) VAE batches: records grouped by their assigned bucket, in bucket order, at most batch_size each."
+    bidx = assign_buckets([r.width for r in todo], [r.height for r in todo], buckets) if todo else []
+    by_bucket: dict[int, list] = {}
+    for r, b in zip(todo, bidx): by_bucket.setdefault(int(b), []).append(r)
+    return [(buckets[b], rs[i:i + batch_size]) for b, rs in sorted(by_bucket.items()) for i in range(0, len(rs), batch_size)]
 
-    def has_flip(self, key: str) -> bool:
-        "Whether an image's mirrored variant is cached."
-        return self._loc(key)[3]
+# %% ../../nbs/23_data_latent_cache.ipynb #ba7265f6
+@patch
+def build(self: LatentCache, records: Sequence[ImageRecord], vae, buckets: Sequence[tuple[int, int]], *,
+          crop: str = 'center', flip_variants: bool = False, batch_size: int = 8, shard_size: int = 256, dtype: torch.dtype = torch.float16,
+          store_std: bool = True, encode_dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
+          world_size: int = 1, num_load_threads: int = 2, flush_every_s: float = 120.0, verify_hash: bool = False,
+          progress: bool = True, fingerprint: str | None = None) -> CacheReport:
+    "Encode every record this rank owns that is not cached (or changed), shard by shard; resumable after a kill."
+    t0 = time.perf_counter()
+    records, buckets = _check_latent_build(records, buckets, crop, batch_size, shard_size, flush_every_s,
+                                           num_load_threads, rank, world_size)
+    fp = fingerprint or latent_fingerprint(vae, buckets, crop, seed, dtype, store_std, encode_dtype)
+    settings = dict(buckets=buckets, crop=crop, seed=seed, dtype=str(dtype), store_std=bool(store_std),
+                    **dataclasses.asdict(LatentNorm.of(vae)),
+                    latent_channels=getattr(vae.config, 'latent_channels', None))
+    rep = CacheReport('latent', total=len(records))
+    with self._rank_lock(rank):
+        rep.discarded = self._begin(fp, settings)
+        writer = _ShardWriter(self, rank, shard_size, flush_every_s)
+        todo = self._plan(records, rank, world_size, flip_variants, verify_hash, rep, progress)
+        batches = _bucket_batches(todo, buckets, batch_size)
+        jobs = ([(r, bk, crop, seed, flip_variants) for r in rs] for bk, rs in batches)
+        pool = ThreadPoolExecutor(num_load_threads, thread_name_prefix='latent-load') if num_load_threads else None
+        bar = tqdm(total=len(todo), desc=f'latents r{rank}', unit='img', disable=not progress)
+        try:
+            with vae_in_dtype(vae, encode_dtype):
+                for loaded in _prefetch(jobs, _safe_load, pool):
+                    good = [x for x in loaded if isinstance(x, _Loaded)]
+                    for x in loaded:
+                        if not isinstance(x, _Loaded): rep.fail(*x)
+                    if good: self._encode_batch(vae, good, writer, dtype, store_std, flip_variants, rep)
+                    bar.update(len(loaded))
+            writer.flush()
+        finally:
+            bar.close()
+            if pool is not None: pool.shutdown(wait=True, cancel_futures=True)
+            rep.shards_written = writer.shards
+    self.gc(); self._forget()
+    rep.seconds = time.perf_counter() - t0
+    return rep
 
-    def info(self, key: str) -> dict:
-        "Index facts for a key: bucket (w, h), has_flip, has_std, time_ids (list)."
-        ix = self._idx(); name, slot, has_std, has_flip, bucket, i = self._loc(key)
-        return dict(bucket=bucket, has_flip=has_flip, has_std=has_std, time_ids=tuple(ix.time_ids[i].tolist()))
+# %% ../../nbs/23_data_latent_cache.ipynb #e5a91b34
+@patch
+def _plan(self: LatentCache, records, rank, world_size, flip_variants, verify_hash, rep, progress=False) -> list[ImageRecord]:
+    "Records of this rank that need encoding; unchanged ones counted as cached, touched ones refreshed."
+    have = {k: (s, m, h, f) for k, s, m, h, f in self.db.execute('SELECT key, size, mtime_ns, hash, has_flip FROM items')}
+    todo, touch = [], []
+    for rec in tqdm(records, desc=f'check r{rank}', unit='img', disable=not progress, leave=False):
+        if key_owner(rec.id, world_size) != rank: continue
+        rep.owned += 1
+        old = have.get(rec.id)
+        if old is None or (flip_variants and not old[3]): todo.append(rec); continue
+        try: size, mtime = _stat(rec)
+        except OSError as e: rep.fail(rec.id, 'unreadable', f'{e.strerror or e}'); continue
+        if not verify_hash and mtime is not None and (size, mtime) == (old[0], old[1]): rep.cached += 1; continue
+        try: same = bytes_digest(rec.read_bytes()) == old[2]
+        except OSError as e: rep.fail(rec.id, 'unreadable', f'{e.strerror or e}'); continue
+        if same: touch.append((size, mtime, rec.id)); rep.cached += 1; rep.refreshed += 1
+        else: todo.append(rec)
+    if touch:
+        with self._tx() as con: con.executemany('UPDATE items SET size=?, mtime_ns=? WHERE key=?', touch)
+    return todo
 
-    def get(self, key: str, flip: bool = False, copy: bool = True) -> LatentEntry:
-        "Cached (μ, σ, time ids, bucket) of an image from its memory-mapped shard (flip: mirrored variant; copy=False: views)."
-        ix = self._index or self._idx()
-        hit = ix.pos.get(key)
-        name, slot, has_std, has_flip, bucket, i = hit if hit is not None else self._loc(key)
-        if flip and not has_flip: raise KeyError(f'{key!r} was cached without its mirrored variant: build with flip_variants=True')
-        h = self._handles.get(name)
-        if h is None: h = self._handle(name)
-        else: self._handles.move_to_end(name)
-        p = f'{slot}.flip.' if flip else f'{slot}.'
-        mean, std = h.get_tensor(p + 'mean'), h.get_tensor(p + 'std') if has_std else None
-        if copy: mean, std = mean.clone(), (std.clone() if std is not None else None)
-        return LatentEntry(mean, std, tuple((ix.time_ids_flip if flip else ix.time_ids)[i].tolist()), bucket)
+@patch
+def _encode_batch(self: LatentCache, vae, good: list[_Loaded], writer: _ShardWriter, dtype, store_std, flip, rep) -> None:
+    "Encode one bucket batch (and its mirrored twin) and hand finite results to the writer."
+    mean, std = encode_latent_dist(vae, torch.stack([x.pixels for x in good]))
+    if flip: mean_f, std_f = encode_latent_dist(vae, torch.stack([x.pixels_flip for x in good]))
+    for i, x in enumerate(good):
+        t = {'mean': mean[i], 'std': std[i]} if store_std else {'mean': mean[i]}
+        if flip: t.update({'flip.mean': mean_f[i], 'flip.std': std_f[i]} if store_std else {'flip.mean': mean_f[i]})
+        if not all(bool(torch.isfinite(v).all()) for v in t.values()):
+            rep.fail(x.key, 'nonfinite_latent', 'the VAE produced NaN/inf: encode in fp32 (encode_dtype=torch.float32) '
+                     'or use an fp16-fixed VAE'); continue
+        writer.add({k: v.to(dtype) for k, v in t.items()}, {**x.row, 'has_std': int(store_std)})
+        rep.encoded += 1
 
-    @property
-    def latent_norm(self) -> LatentNorm:
-        "The VAE's latent normalisation, recorded when the cache was built (applied by the dataset)."
-        return LatentNorm.of(self.settings)
+# %% ../../nbs/23_data_latent_cache.ipynb #4237ce8f
+@patch
+def _idx(self: LatentCache) -> _LatentIndex:
+    "The index in memory: a dict key → (shard, slot, flags, row) and arrays (loaded once per process; refreshed after a build)."
+    if self._index is None:
+        rows = self.db.execute('SELECT i.key, s.name, i.slot, i.has_std, i.has_flip, i.bucket_w, i.bucket_h, i.time_ids, '
+                               'i.time_ids_flip FROM items i JOIN shards s ON s.id = i.shard').fetchall()
+        n = len(rows)
+        names, bks = {}, {}   # one object per distinct shard name / bucket
+        pos = {r[0]: (names.setdefault(r[1], r[1]), int(r[2]), bool(r[3]), bool(r[4]), bks.setdefault((r[5], r[6]), (r[5], r[6])), i)
+               for i, r in enumerate(rows)}
+        tid = np.array([json.loads(r[7]) for r in rows], dtype=np.int32).reshape(n, 6)
+        tidf = np.array([json.loads(r[8]) if r[8] else [0] * 6 for r in rows], dtype=np.int32).reshape(n, 6)
+        self._index = _LatentIndex(pos, tid, tidf)
+    return self._index
+
+@patch
+def keys(self: LatentCache) -> list[str]: return list(self._idx().pos)
+
+@patch
+def _loc(self: LatentCache, key: str) -> tuple:
+    hit = self._idx().pos.get(key)
+    if hit is None:
+        raise KeyError(f'{key!r} is not in the latent cache at {self.folder}: run LatentCache.build over its record '
+                       '(failed items are listed in the build report)')
+    return hit
+
+@patch
+def bucket_of(self: LatentCache, key: str) -> tuple[int, int]:
+    "The bucket (w, h) an image was cached at."
+    return self._loc(key)[4]
+
+@patch
+def has_flip(self: LatentCache, key: str) -> bool:
+    "Whether an image's mirrored variant is cached."
+    return self._loc(key)[3]
+
+@patch
+def info(self: LatentCache, key: str) -> dict:
+    "Index facts for a key: bucket (w, h), has_flip, has_std, time_ids (list)."
+    ix = self._idx(); name, slot, has_std, has_flip, bucket, i = self._loc(key)
+    return dict(bucket=bucket, has_flip=has_flip, has_std=has_std, time_ids=tuple(ix.time_ids[i].tolist()))
+
+# %% ../../nbs/23_data_latent_cache.ipynb #c294e3b7
+@patch
+def get(self: LatentCache, key: str, flip: bool = False, copy: bool = True) -> LatentEntry:
+    "Cached (μ, σ, time ids, bucket) of an image from its memory-mapped shard (flip: mirrored variant; copy=False: views)."
+    ix = self._index or self._idx()
+    hit = ix.pos.get(key)
+    name, slot, has_std, has_flip, bucket, i = hit if hit is not None else self._loc(key)
+    if flip and not has_flip: raise KeyError(f'{key!r} was cached without its mirrored variant: build with flip_variants=True')
+    h = self._handles.get(name)
+    if h is None: h = self._handle(name)
+    else: self._handles.move_to_end(name)
+    p = f'{slot}.flip.' if flip else f'{slot}.'
+    mean, std = h.get_tensor(p + 'mean'), h.get_tensor(p + 'std') if has_std else None
+    if copy: mean, std = mean.clone(), (std.clone() if std is not None else None)
+    return LatentEntry(mean, std, tuple((ix.time_ids_flip if flip else ix.time_ids)[i].tolist()), bucket)
+
+@patch(as_prop=True)
+def latent_norm(self: LatentCache) -> LatentNorm:
+    "The VAE's latent normalisation, recorded when the cache was built (applied by the dataset)."
+    return LatentNorm.of(self.settings)
 
 # %% ../../nbs/23_data_latent_cache.ipynb #0164fa0d
 def tokenizer_digest(tokenizer) -> str:
@@ -596,62 +634,68 @@ class TextEntry(NamedTuple):
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
 
+# %% ../../nbs/23_data_latent_cache.ipynb #cce22c94
 class TextEmbeddingCache(ShardStore):
     "SDXL text conditioning (both encoders' penultimate states + pooled) per distinct caption, in shards + SQLite."
     kind = 'text'
     item_columns = ', caption TEXT'
 
-    def build(self, captions: Iterable[str], text_encoder, text_encoder_2, tokenizer, tokenizer_2, *, batch_size: int = 32,
-              shard_size: int = 512, dtype: torch.dtype = torch.float16, rank: int = 0, world_size: int = 1,
-              flush_every_s: float = 120.0, progress: bool = True, fingerprint: str | None = None) -> CacheReport:
-        "Encode every distinct caption this rank owns that is not cached yet; resumable like LatentCache.build."
-        t0 = time.perf_counter()
-        _check_rank(rank, world_size); _positive('batch_size', batch_size); _positive('shard_size', shard_size)
-        caps = list(dict.fromkeys(captions))
-        bad = next((c for c in caps if not isinstance(c, str)), None)
-        if bad is not None: raise ValueError(f'captions must be strings, got {bad!r} ({type(bad).__name__})')
-        fp = fingerprint or text_fingerprint(text_encoder, text_encoder_2, tokenizer, tokenizer_2, dtype)
-        rep = CacheReport('text', total=len(caps))
-        with self._rank_lock(rank):
-            rep.discarded = self._begin(fp, dict(dtype=str(dtype)))
-            writer = _ShardWriter(self, rank, shard_size, flush_every_s)
-            have = {k for (k,) in self.db.execute('SELECT key FROM items')}
-            mine = [c for c in caps if key_owner(caption_key(c), world_size) == rank]
-            rep.owned = len(mine)
-            todo = [c for c in mine if caption_key(c) not in have]
-            rep.cached = rep.owned - len(todo)
-            bar = tqdm(total=len(todo), desc=f'text r{rank}', unit='caption', disable=not progress)
-            try:
-                with torch.no_grad():
-                    for i in range(0, len(todo), batch_size):
-                        chunk = todo[i:i + batch_size]
-                        ctx, pooled = encode_prompt(text_encoder, text_encoder_2, tokenizer, tokenizer_2, chunk)
-                        for j, c in enumerate(chunk):
-                            if not (torch.isfinite(ctx[j]).all() and torch.isfinite(pooled[j]).all()):
-                                rep.fail(caption_key(c), 'nonfinite_embedding', f'caption {c[:60]!r}: run the text encoders in fp32'); continue
-                            writer.add({'ctx': ctx[j].to(dtype), 'pooled': pooled[j].to(dtype)}, {'key': caption_key(c), 'caption': c})
-                            rep.encoded += 1
-                        bar.update(len(chunk))
-                writer.flush()
-            finally:
-                bar.close(); rep.shards_written = writer.shards
-        self.gc(); self._forget()
-        rep.seconds = time.perf_counter() - t0
-        return rep
-
-    def _idx(self) -> dict:
-        if self._index is None:
-            self._index = {k: (n, s) for k, n, s in self.db.execute('SELECT i.key, s.name, i.slot FROM items i JOIN shards s ON s.id = i.shard')}
-        return self._index
-
     def __contains__(self, caption: str) -> bool: return caption_key(caption) in self._idx()
 
-    def get(self, caption: str, copy: bool = True) -> TextEntry:
-        "The cached (prompt_embeds, pooled_prompt_embeds) of a caption, read memory-mapped (copy=False: views of the map)."
-        hit = self._idx().get(caption_key(caption))
-        if hit is None:
-            raise KeyError(f'caption {caption[:60]!r} is not in the text cache at {self.folder}: run TextEmbeddingCache.build '
-                           'over the dataset captions (plus "" when captions are dropped for CFG)')
-        h = self._handle(hit[0])
-        ctx, pooled = h.get_tensor(f'{hit[1]}.ctx'), h.get_tensor(f'{hit[1]}.pooled')
-        return TextEntry(ctx.clone(), pooled.clone()) if copy else TextEntry(ctx, pooled)
+# %% ../../nbs/23_data_latent_cache.ipynb #59ee72f2
+@patch
+def build(self: TextEmbeddingCache, captions: Iterable[str], text_encoder, text_encoder_2, tokenizer, tokenizer_2, *,
+          batch_size: int = 32, shard_size: int = 512, dtype: torch.dtype = torch.float16, rank: int = 0, world_size: int = 1,
+          flush_every_s: float = 120.0, progress: bool = True, fingerprint: str | None = None) -> CacheReport:
+    "Encode every distinct caption this rank owns that is not cached yet; resumable like LatentCache.build."
+    t0 = time.perf_counter()
+    _check_rank(rank, world_size); _positive('batch_size', batch_size); _positive('shard_size', shard_size)
+    caps = list(dict.fromkeys(captions))
+    bad = next((c for c in caps if not isinstance(c, str)), None)
+    if bad is not None: raise ValueError(f'captions must be strings, got {bad!r} ({type(bad).__name__})')
+    fp = fingerprint or text_fingerprint(text_encoder, text_encoder_2, tokenizer, tokenizer_2, dtype)
+    rep = CacheReport('text', total=len(caps))
+    with self._rank_lock(rank):
+        rep.discarded = self._begin(fp, dict(dtype=str(dtype)))
+        writer = _ShardWriter(self, rank, shard_size, flush_every_s)
+        have = {k for (k,) in self.db.execute('SELECT key FROM items')}
+        mine = [c for c in caps if key_owner(caption_key(c), world_size) == rank]
+        rep.owned = len(mine)
+        todo = [c for c in mine if caption_key(c) not in have]
+        rep.cached = rep.owned - len(todo)
+        bar = tqdm(total=len(todo), desc=f'text r{rank}', unit='caption', disable=not progress)
+        try:
+            with torch.no_grad():
+                for i in range(0, len(todo), batch_size):
+                    chunk = todo[i:i + batch_size]
+                    ctx, pooled = encode_prompt(text_encoder, text_encoder_2, tokenizer, tokenizer_2, chunk)
+                    for j, c in enumerate(chunk):
+                        if not (torch.isfinite(ctx[j]).all() and torch.isfinite(pooled[j]).all()):
+                            rep.fail(caption_key(c), 'nonfinite_embedding', f'caption {c[:60]!r}: run the text encoders in fp32'); continue
+                        writer.add({'ctx': ctx[j].to(dtype), 'pooled': pooled[j].to(dtype)}, {'key': caption_key(c), 'caption': c})
+                        rep.encoded += 1
+                    bar.update(len(chunk))
+            writer.flush()
+        finally:
+            bar.close(); rep.shards_written = writer.shards
+    self.gc(); self._forget()
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+# %% ../../nbs/23_data_latent_cache.ipynb #37479263
+@patch
+def _idx(self: TextEmbeddingCache) -> dict:
+    if self._index is None:
+        self._index = {k: (n, s) for k, n, s in self.db.execute('SELECT i.key, s.name, i.slot FROM items i JOIN shards s ON s.id = i.shard')}
+    return self._index
+
+@patch
+def get(self: TextEmbeddingCache, caption: str, copy: bool = True) -> TextEntry:
+    "The cached (prompt_embeds, pooled_prompt_embeds) of a caption, read memory-mapped (copy=False: views of the map)."
+    hit = self._idx().get(caption_key(caption))
+    if hit is None:
+        raise KeyError(f'caption {caption[:60]!r} is not in the text cache at {self.folder}: run TextEmbeddingCache.build '
+                       'over the dataset captions (plus "" when captions are dropped for CFG)')
+    h = self._handle(hit[0])
+    ctx, pooled = h.get_tensor(f'{hit[1]}.ctx'), h.get_tensor(f'{hit[1]}.pooled')
+    return TextEntry(ctx.clone(), pooled.clone()) if copy else TextEntry(ctx, pooled)

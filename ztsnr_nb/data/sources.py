@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from fastcore.basics import patch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def read_caption(path) -> tuple[str, str | None]:
     return decode_caption(raw)
 
 # %% ../../nbs/21_data_sources.ipynb #480251fc
-_PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'
-
 @dataclass
 class ImageInfo:
     "Header facts about an image: displayed size (after EXIF orientation), PIL mode, format, EXIF orientation."
@@ -125,6 +124,9 @@ def _open(src, name: str | None = None) -> Image.Image:
         raise ImageError('corrupt', name, f'invalid header ({e}): re-export the image') from None
     except (SyntaxError, ValueError, EOFError, struct.error) as e:
         raise ImageError('corrupt', name, f'invalid header ({e}): re-export the image') from None
+
+# %% ../../nbs/21_data_sources.ipynb #a87a2d8d
+_PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'
 
 def _orientation(im: Image.Image) -> int:
     "EXIF orientation tag (1..8) from the header, without decoding pixels (PNG: only an eXIf chunk before IDAT)."
@@ -339,64 +341,73 @@ class ScanReport:
     notes: dict[str, list[str]] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)
 
-    def skip(self, reason: str, item, detail: str = '') -> None:
-        "Record a skipped item and log it."
-        self.skipped.setdefault(reason, []).append(str(item)); self.details[str(item)] = detail or SKIP_REASONS.get(reason, '')
-        logger.warning('skipped %s (%s): %s', item, reason, detail or SKIP_REASONS.get(reason, ''))
-
-    def repair(self, reason: str, item, detail: str = '') -> None:
-        "Record a repaired (kept) item and log it."
-        self.repaired.setdefault(reason, []).append(str(item))
-        logger.warning('repaired %s (%s): %s', item, reason, detail or REPAIR_REASONS.get(reason, ''))
-
-    def note(self, kind: str, item) -> None:
-        "Record something worth knowing that is neither a skip nor a repair (ignored files, orphan captions, EXIF)."
-        self.notes.setdefault(kind, []).append(str(item))
-
-    @property
-    def n_skipped(self) -> int: return sum(map(len, self.skipped.values()))
-    @property
-    def counts(self) -> dict:
-        "Counts per reason: {'seen', 'kept', 'skipped': {reason: n}, 'repaired': {...}, 'notes': {...}}."
-        c = lambda d: {k: len(v) for k, v in sorted(d.items())}
-        return {'seen': self.seen, 'kept': self.kept, 'skipped': c(self.skipped), 'repaired': c(self.repaired), 'notes': c(self.notes)}
-
-    def merge(self, other: 'ScanReport') -> 'ScanReport':
-        "Add another report's counts and lists into this one (returns self)."
-        self.seen += other.seen; self.kept += other.kept; self.details.update(other.details)
-        for mine, theirs in ((self.skipped, other.skipped), (self.repaired, other.repaired), (self.notes, other.notes)):
-            for k, v in theirs.items(): mine.setdefault(k, []).extend(v)
-        return self
-
-    def to_dict(self) -> dict: return {**asdict(self), 'counts': self.counts}
-
-    def save(self, path) -> Path:
-        "Write the report as JSON (counts, file lists per reason, details) and return the path."
-        p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding='utf-8'); return p
-
-    @classmethod
-    def load(cls, path) -> 'ScanReport':
-        "Read a report written by save()."
-        d = json.loads(Path(path).read_text(encoding='utf-8')); d.pop('counts', None); return cls(**d)
-
     def __repr__(self) -> str: return self.show(max_files=3, echo=False)
 
-    def show(self, max_files: int = 5, echo: bool = True) -> str:
-        "A readable table: kept/skipped/repaired counts per reason with up to max_files example files."
-        lines = [f'ScanReport({self.source!r}): seen {self.seen}, kept {self.kept}, skipped {self.n_skipped}, '
-                 f'repaired {sum(map(len, self.repaired.values()))}']
-        for title, d in (('skipped', self.skipped), ('repaired', self.repaired), ('notes', self.notes)):
-            for k, v in sorted(d.items()):
-                ex = ', '.join(Path(x).name if '#' not in x else x.rsplit('/', 1)[-1] for x in v[:max_files])
-                lines.append(f'  {title:8s} {k:18s} {len(v):6d}  {ex}{", ..." if len(v) > max_files else ""}')
-        s = '\n'.join(lines)
-        if echo: print(s)
-        return s
+# %% ../../nbs/21_data_sources.ipynb #60509e6a
+@patch
+def skip(self: ScanReport, reason: str, item, detail: str = '') -> None:
+    "Record a skipped item and log it."
+    self.skipped.setdefault(reason, []).append(str(item)); self.details[str(item)] = detail or SKIP_REASONS.get(reason, '')
+    logger.warning('skipped %s (%s): %s', item, reason, detail or SKIP_REASONS.get(reason, ''))
 
-# %% ../../nbs/21_data_sources.ipynb #704f7112
-_REPEAT_DIR = re.compile(r'^(\d+)_(.+)$')
+@patch
+def repair(self: ScanReport, reason: str, item, detail: str = '') -> None:
+    "Record a repaired (kept) item and log it."
+    self.repaired.setdefault(reason, []).append(str(item))
+    logger.warning('repaired %s (%s): %s', item, reason, detail or REPAIR_REASONS.get(reason, ''))
 
+@patch
+def note(self: ScanReport, kind: str, item) -> None:
+    "Record something worth knowing that is neither a skip nor a repair (ignored files, orphan captions, EXIF)."
+    self.notes.setdefault(kind, []).append(str(item))
+
+# %% ../../nbs/21_data_sources.ipynb #46ce0631
+@patch(as_prop=True)
+def n_skipped(self: ScanReport) -> int: return sum(map(len, self.skipped.values()))
+
+@patch(as_prop=True)
+def counts(self: ScanReport) -> dict:
+    "Counts per reason: {'seen', 'kept', 'skipped': {reason: n}, 'repaired': {...}, 'notes': {...}}."
+    c = lambda d: {k: len(v) for k, v in sorted(d.items())}
+    return {'seen': self.seen, 'kept': self.kept, 'skipped': c(self.skipped), 'repaired': c(self.repaired), 'notes': c(self.notes)}
+
+@patch
+def merge(self: ScanReport, other: 'ScanReport') -> 'ScanReport':
+    "Add another report's counts and lists into this one (returns self)."
+    self.seen += other.seen; self.kept += other.kept; self.details.update(other.details)
+    for mine, theirs in ((self.skipped, other.skipped), (self.repaired, other.repaired), (self.notes, other.notes)):
+        for k, v in theirs.items(): mine.setdefault(k, []).extend(v)
+    return self
+
+# %% ../../nbs/21_data_sources.ipynb #14300b69
+@patch
+def to_dict(self: ScanReport) -> dict: return {**asdict(self), 'counts': self.counts}
+
+@patch
+def save(self: ScanReport, path) -> Path:
+    "Write the report as JSON (counts, file lists per reason, details) and return the path."
+    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding='utf-8'); return p
+
+@patch(cls_method=True)
+def load(cls: ScanReport, path) -> 'ScanReport':
+    "Read a report written by save()."
+    d = json.loads(Path(path).read_text(encoding='utf-8')); d.pop('counts', None); return cls(**d)
+
+@patch
+def show(self: ScanReport, max_files: int = 5, echo: bool = True) -> str:
+    "A readable table: kept/skipped/repaired counts per reason with up to max_files example files."
+    lines = [f'ScanReport({self.source!r}): seen {self.seen}, kept {self.kept}, skipped {self.n_skipped}, '
+             f'repaired {sum(map(len, self.repaired.values()))}']
+    for title, d in (('skipped', self.skipped), ('repaired', self.repaired), ('notes', self.notes)):
+        for k, v in sorted(d.items()):
+            ex = ', '.join(Path(x).name if '#' not in x else x.rsplit('/', 1)[-1] for x in v[:max_files])
+            lines.append(f'  {title:8s} {k:18s} {len(v):6d}  {ex}{", ..." if len(v) > max_files else ""}')
+    s = '\n'.join(lines)
+    if echo: print(s)
+    return s
+
+# %% ../../nbs/21_data_sources.ipynb #69eed8f9
 def _scan_limits(min_side, max_aspect, max_pixels, missing_caption):
     "Validate scan arguments, raising ValueError that names the bad one."
     if isinstance(min_side, bool) or not isinstance(min_side, (int, np.integer)) or min_side < 1:
@@ -435,6 +446,9 @@ def _probe_or_skip(report: ScanReport, src, item, min_side, max_aspect, max_pixe
     except Exception as e:  # a decoder bug on a hostile file must not abort a million-file scan
         report.skip('corrupt', item, f'unexpected {type(e).__name__} while reading the header: {e}')
     return None
+
+# %% ../../nbs/21_data_sources.ipynb #704f7112
+_REPEAT_DIR = re.compile(r'^(\d+)_(.+)$')
 
 def scan_kohya_folder(root, min_side: int = 64, max_aspect: float | None = 4.0, max_pixels: int | None = MAX_PIXELS,
                       caption_ext: str = '.txt', missing_caption: str = 'empty', verify: bool = False,
@@ -539,6 +553,7 @@ def _open_stream(url: str, timeout: float = 60.0):
     if url.startswith('file://'): url = url[7:]
     return open(url, 'rb')
 
+# %% ../../nbs/21_data_sources.ipynb #695dd09e
 def _wds_split(name: str) -> tuple[str, str]:
     "(key, extension) of a tar member name, webdataset style: split at the first '.' of the base name."
     d, _, base = name.rpartition('/')
@@ -571,6 +586,22 @@ def _wds_samples(url: str, report: ScanReport):
         sample = {}
     if sample: yield key, sample
 
+# %% ../../nbs/21_data_sources.ipynb #461ef76b
+def _wds_caption(sample: dict) -> tuple[str, str | None, dict]:
+    "(caption, repair reason or None, extra fields) of a webdataset sample: `txt`/`caption` member, else `json` fields."
+    text, issue, extra = '', 'missing_caption', {}
+    for ce in ('txt', 'caption'):
+        if ce in sample: text, issue = decode_caption(sample[ce][0]); break
+    else:
+        if 'json' in sample:
+            try: meta = json.loads(sample['json'][0].decode('utf-8', errors='replace'))
+            except json.JSONDecodeError: meta = {}
+            if isinstance(meta, dict):
+                v = next((_caption_value(meta[k]) for k in CAPTION_KEYS if meta.get(k) is not None), None)
+                if v is not None: text, issue = decode_caption(v.encode('utf-8', 'surrogatepass'))
+                extra = {k: v for k, v in meta.items() if k not in CAPTION_KEYS}
+    return text, issue, extra
+
 def iter_webdataset(urls, report: ScanReport | None = None, min_side: int = 64, max_aspect: float | None = 4.0,
                     max_pixels: int | None = MAX_PIXELS, missing_caption: str = 'empty', verify: bool = False,
                     keep_data: bool | None = None) -> Iterator[ImageRecord]:
@@ -585,17 +616,7 @@ def iter_webdataset(urls, report: ScanReport | None = None, min_side: int = 64, 
             if ext is None: report.skip('no_image', item, f'members {sorted(sample)} include no image'); continue
             data, offset = sample[ext]
             if (info := _probe_or_skip(report, data, item, min_side, max_aspect, max_pixels, verify)) is None: continue
-            text, issue, extra = '', 'missing_caption', {}
-            for ce in ('txt', 'caption'):
-                if ce in sample: text, issue = decode_caption(sample[ce][0]); break
-            else:
-                if 'json' in sample:
-                    try: meta = json.loads(sample['json'][0].decode('utf-8', errors='replace'))
-                    except json.JSONDecodeError: meta = {}
-                    if isinstance(meta, dict):
-                        v = next((_caption_value(meta[k]) for k in CAPTION_KEYS if meta.get(k) is not None), None)
-                        if v is not None: text, issue = decode_caption(v.encode('utf-8', 'surrogatepass'))
-                        extra = {k: v for k, v in meta.items() if k not in CAPTION_KEYS}
+            text, issue, extra = _wds_caption(sample)
             cap = _caption_for(report, item, text, issue, missing_caption)
             if cap is None: continue
             member = f'{key}.{ext}'

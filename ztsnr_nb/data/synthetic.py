@@ -182,6 +182,7 @@ def _check_args(n, seed, solid_fraction, prefix) -> None:
     if not isinstance(prefix, str) or not prefix or any(c in prefix for c in '/\\\0'):
         raise ValueError(f'prefix={prefix!r}: must be a non-empty file-name prefix without path separators; pass e.g. prefix="synth_"')
 
+# %% ../../nbs/20_data_synthetic.ipynb #1b12b27d
 def solid_plan(n: int, seed: int = 0, solid_fraction: float = 0.125) -> list[str | None]:
     "Which of n images are solid: 'black' / 'white' / None per index, exactly round(n·solid_fraction) solids."
     n_solid = int(round(n * solid_fraction))

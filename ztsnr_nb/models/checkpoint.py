@@ -204,6 +204,7 @@ def clip_l_from_original(sd: dict) -> dict:
     p, hf = TE1_PREFIX + 'text_model.', _hf_text_prefix(False)
     return {hf + k[len(p):]: v for k, v in sd.items() if k.startswith(p) and k not in IGNORED_KEYS}
 
+# %% ../../nbs/13_models_checkpoint.ipynb #25ba3708
 _LAYER = re.compile(r'encoder\.layers\.(\d+)\.(.+)$')
 _QKV = re.compile(r'self_attn\.([qkv])_proj\.(weight|bias)$')
 
@@ -229,6 +230,7 @@ def openclip_to_original(sd: dict) -> dict:
         out[f'{P}transformer.resblocks.{n}.attn.in_proj_{kind}'] = torch.cat([d['q'], d['k'], d['v']], 0)
     _check_unmapped(unmapped, 'text encoder 2'); return out
 
+# %% ../../nbs/13_models_checkpoint.ipynb #255f568b
 def openclip_from_original(sd: dict) -> tuple[dict, list]:
     "OpenCLIP keys under `conditioner.embedders.1.model.` → CLIPTextModelWithProjection state dict."
     P, hf, out, unmapped = TE2_PREFIX, _hf_text_prefix(True), {}, []
@@ -415,6 +417,7 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
                               f"download or copy it again")
     return header, metadata
 
+# %% ../../nbs/13_models_checkpoint.ipynb #e88d4506
 def _dtype_summary(dtypes: Counter) -> str:
     if not dtypes: return 'none'
     if len(dtypes) == 1: return next(iter(dtypes))
@@ -512,6 +515,7 @@ def _check_config_folder(config_folder, path) -> Path:
                               f"SDXL folder with module configs and tokenizers")
     return cf
 
+# %% ../../nbs/13_models_checkpoint.ipynb #da74c6c9
 def _load_into(model, sd: dict, name: str, path, cf):
     "Assign `sd` into an empty-weight `model`; CheckpointError listing missing/unexpected/mis-shaped keys."
     want = model.state_dict()
@@ -542,6 +546,7 @@ def _build_from_configs(cf: Path, sds, path, dtype):
         for m in out.values(): m.to(dtype)
     return out
 
+# %% ../../nbs/13_models_checkpoint.ipynb #7cbed5f8
 def _tokenizers(cf: Path) -> dict:
     from transformers import CLIPTokenizer
     return {n: CLIPTokenizer.from_pretrained(cf / n, local_files_only=True) for n in ('tokenizer', 'tokenizer_2')}
@@ -579,6 +584,7 @@ def _decide_prediction(prediction, ztsnr, markers, metadata, notes):
         z = bool(ztsnr); notes.append(f"ztsnr={z} given by the caller")
     return check_prediction_for_schedule(p, z), z
 
+# %% ../../nbs/13_models_checkpoint.ipynb #09d79870
 def load_sdxl(path, config_folder=None, prediction=None, allow_pickle: bool = False, dtype=None,
               ztsnr: bool | None = None) -> tuple[SDXLComponents, LoadReport]:
     "Load SDXL from a diffusers folder or a single file (+ local `config_folder`); returns (SDXLComponents, LoadReport)."
@@ -604,10 +610,9 @@ def load_sdxl(path, config_folder=None, prediction=None, allow_pickle: bool = Fa
     logger.info("loaded %s", rep)
     return SDXLComponents(**comps), rep
 
-def _load_diffusers(folder: Path, prediction, dtype, ztsnr):
-    "Load the components of a diffusers SDXL folder; the scheduler config supplies prediction type and ZTSNR."
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+# %% ../../nbs/13_models_checkpoint.ipynb #c9d46285
+def _check_diffusers_folder(folder: Path):
+    "CheckpointError unless `folder` is a complete diffusers folder of an SDXL (`text_time`) UNet."
     missing = _missing_config_files(folder)
     if missing:
         raise CheckpointError(f"{folder}: not a diffusers SDXL folder: lacks {', '.join(missing)}; expected model_index.json "
@@ -616,6 +621,12 @@ def _load_diffusers(folder: Path, prediction, dtype, ztsnr):
     if ucfg.get('addition_embed_type') != 'text_time':
         raise CheckpointError(f"{folder}: unet/config.json has addition_embed_type={ucfg.get('addition_embed_type')!r}, "
                               f"not SDXL's 'text_time'; ztsnr_nb loads SDXL")
+
+def _load_diffusers(folder: Path, prediction, dtype, ztsnr):
+    "Load the components of a diffusers SDXL folder; the scheduler config supplies prediction type and ZTSNR."
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    _check_diffusers_folder(folder)
     comps = dict(unet=UNet2DConditionModel.from_pretrained(folder / 'unet', local_files_only=True, torch_dtype=dtype),
                  vae=AutoencoderKL.from_pretrained(folder / 'vae', local_files_only=True, torch_dtype=dtype),
                  text_encoder=CLIPTextModel.from_pretrained(folder / 'text_encoder', local_files_only=True),

@@ -139,7 +139,7 @@ water tree flower grass city street room window tags high quality best masterpie
 lowres worst bad jpeg artifacts blurry sharp detailed illustration photo painting sketch lineart anime
 rating general sensitive questionable explicit safe year newest oldest artist character copyright meta
 horizontal vertical diagonal wide tall portrait landscape square_format no_humans scenery abstract pattern
-texture noise plain two three four many one lines line dots shadow glow soft hard edge edges corner""".split()
+texture noise plain two three four many one lines line dots shadow glow soft hard edge edges corner cyan grain no""".split()
 
 def bytes_to_unicode() -> dict[int, str]:
     "GPT-2/CLIP byte → printable character table (printable bytes map to themselves)."
@@ -156,7 +156,7 @@ def _symbols(word: str, b2u) -> tuple:
     chars = [b2u[b] for b in word.encode('utf-8')]
     return tuple(chars[:-1]) + (chars[-1] + '</w>',)
 
-def learn_bpe_merges(words, n_merges: int = 400) -> list[tuple[str, str]]:
+def learn_bpe_merges(words, n_merges: int = 1000) -> list[tuple[str, str]]:
     "Learn byte-level BPE merges (CLIP style, `</w>` suffix) from a word list, most frequent pair first."
     b2u = bytes_to_unicode()
     counts = Counter(w for text in words for w in _WORD_RE.findall(text.lower()))
@@ -180,7 +180,7 @@ def learn_bpe_merges(words, n_merges: int = 400) -> list[tuple[str, str]]:
     return merges
 
 # %% ../../nbs/10_models_sdxl.ipynb #bc290b1d
-def build_tokenizer_files(folder, n_merges: int = 400, words=None) -> Path:
+def build_tokenizer_files(folder, n_merges: int = 1000, words=None) -> Path:
     "Write `vocab.json` and `merges.txt` for an offline CLIP-style BPE tokenizer into `folder`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     merges = learn_bpe_merges(words if words is not None else TAG_WORDS, n_merges)
