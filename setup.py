@@ -33,6 +33,7 @@ setuptools.setup(
     include_package_data=True,
     install_requires=reqs('requirements'),
     extras_require={'dev': reqs('dev_requirements'), 'notebook': reqs('notebook_requirements'),
+                    'docs': reqs('docs_requirements'), 'adaptive': reqs('adaptive_requirements'),
                     'xformers': reqs('xformers_requirements')},
     python_requires='>=' + min_python,
     long_description=long_description, long_description_content_type='text/markdown',

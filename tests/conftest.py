@@ -30,3 +30,11 @@ def tiny_folder(tmp_path_factory):
     "A tiny SDXL diffusers folder, saved once per test session."
     from ztsnr_nb.models.sdxl import save_tiny_sdxl
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", seed=0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    "The fault-injection table of tests/test_faults.py, when it ran (issue 11)."
+    fu = sys.modules.get("faults_util")
+    if fu is not None and fu.RESULTS:
+        terminalreporter.section("fault injection: kinds tried / survived / data lost")
+        for line in fu.table().splitlines(): terminalreporter.write_line(line)

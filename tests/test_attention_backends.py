@@ -130,9 +130,9 @@ def test_head_pruning_saved_next_to_model_and_reloaded(unet, tmp_path):
 
 def test_bench_quick_runs():
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, str(ROOT / 'bench' / 'bench_attention.py'), '--quick', '--reps', '2'],
+    r = subprocess.run([sys.executable, str(ROOT / 'bench' / 'bench_attention.py'), '--quick', '--sizes', '32', '--reps', '1'],
                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for needle in ('forward, latents 48x48', 'training step', 'chunked', 'todo avg x2', 'heads -50%', 'skipped:',
+    for needle in ('forward, latents 32x32', 'training step', 'chunked', 'todo avg x2', 'heads -50%', 'skipped:',
                    'all exact backends within tolerance'):
         assert needle in r.stdout, needle

@@ -106,7 +106,9 @@ def test_webdataset_streams_over_http_and_pipe(http_root):
     assert all(r.data is not None for r in recs)  # streamed: bytes travel with the record
     assert np.array_equal(np.asarray(recs[4].load()), np.asarray(load_image_rgb(syn[4].png)))
     assert rep.kept == 6 and rep.counts['skipped'] == {'unreadable': 1}
-    piped = list(iter_webdataset(f'pipe:cat {root}/shard-000.tar'))
+    with pytest.raises(ValueError, match='allow_pipe'):      # pipe: runs a shell command: opt-in only
+        list(iter_webdataset(f'pipe:cat {root}/shard-000.tar'))
+    piped = list(iter_webdataset(f'pipe:cat {root}/shard-000.tar', allow_pipe=True))
     assert [r.key for r in piped] == ['0_0', '0_1', '0_2']
 
 

@@ -1,4 +1,4 @@
-"Tests for ztsnr_nb.data.tags (torch-free parts): parsing, tables, statistics, curves, weights, dropout, tracker, config, cache, CLI."
+"Tests for ztsnr_nb.data.tags (torch-free parts): parsing, tables, statistics, curves, weights, dropout, tracker, [tags] section, cache, report and CLI."
 import json
 import logging
 import math
@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from ztsnr_nb.data.tags import (
-    CATEGORIES, STEP_TABLE, TagCache, TagDropout, TagLossTracker, TagParser, TagTableError, TagWeighting, TagsConfig,
-    TagsConfigError, _TAGS_RULES, caption_tags, captions_fingerprint, combine_tag_weights, cooccurrence, curve_weights,
-    drop_tags, dropout_probs, fit_mean_one, implied_mask, implied_pairs, inverse_log_weight, load_tag_table, make_reducer,
-    normalize_tag, parse_captions, power_weight, rare_common_split, read_captions, step_weight, synthetic_booru_captions,
-    tag_statistics)
+    TAGS_KEYS, WEIGHT_KEYS, TagCache, TagDropout, TagLossTracker, TagParser, TagTableError, TagWeighting, caption_tags,
+    captions_fingerprint, combine_tag_weights, cooccurrence, curve_weights, drop_tags, dropout_probs, fit_mean_one,
+    implied_mask, implied_pairs, inverse_log_weight, load_tag_table, make_reducer, normalize_tag, parse_captions,
+    power_weight, rare_common_split, read_captions, report_lines, step_weight, synthetic_booru_captions, tag_statistics,
+    tags_report, tags_section, weight_settings)
+from ztsnr_nb.policies import TAG_CATEGORIES, TAG_STEP_TABLE
+from ztsnr_nb.training.config import ConfigError, TagsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,7 @@ def test_categories_prefix_table_builtin(tmp_path):
     (tmp_path / 't.csv').write_text('name,category,count,aliases\nmiku,4,10,"hatsune_miku,初音ミク"\nvocaloid,copyright,5,\n')
     p = TagParser(load_tag_table(tmp_path / 't.csv'))
     ids = p.ids('hatsune miku, vocaloid, artist:bob, rating:explicit, masterpiece, highres, bob, smile')
-    cats = [CATEGORIES[p.categories[i]] for i in ids]
+    cats = [TAG_CATEGORIES[p.categories[i]] for i in ids]
     assert [p.vocab[i] for i in ids] == ['miku', 'vocaloid', 'bob', 'explicit', 'masterpiece', 'highres', 'smile']
     assert cats == ['character', 'copyright', 'artist', 'rating', 'quality', 'meta', 'general']
 
@@ -335,26 +337,41 @@ def test_make_reducer():
 
 # -- config ----------------------------------------------------------------------------------------------------------
 BAD = dict(enabled='yes', curve='cubic', step_table=[[10, 1.0], [20, 1.0], [0, 1.1]], alpha=-1, combine='sum', w_min=0,
-           w_max=0.5, category_multipliers={'painter': 1.0}, tag_table='', table_strict=1, underscores=None, implied='no',
+           w_max=0.5, category_multipliers={'painter': 1.0}, tag_table=3, table_strict=1, underscores=None, implied='no',
            implied_threshold=0.3, implied_min_count=0, implied_min_lift=0.5, synonyms=2, synonym_threshold=1.5,
            synonym_max_tags=1, dropout=1.0, dropout_rare_below=0, dropout_common_fraction=0, keep_first=-1, live='on',
            live_every=0, live_ema=1.0, live_rate=0, live_strength=9, live_min=2, live_max=0.9, live_min_obs=0, max_tags=1,
-           max_pairs=10, cache_dir='')
+           max_pairs=10, cache_dir=5)
 
 
 def test_config_every_key_checked():
-    assert set(BAD) == set(_TAGS_RULES) == {f.name for f in __import__('dataclasses').fields(TagsConfig)}
+    "The [tags] section (training.config.TagsConfig) checks every key it has, and has every key this module reads."
+    assert set(BAD) == {f.name for f in __import__('dataclasses').fields(TagsConfig)} >= set(TAGS_KEYS)
     for k, v in BAD.items():
-        with pytest.raises(TagsConfigError, match=rf'tags\.{k} = '): TagsConfig(**{k: v})
+        with pytest.raises(ConfigError, match=rf'tags\.{k} = '): TagsConfig(**{k: v})
         c = TagsConfig()
-        with pytest.raises(TagsConfigError, match=rf'tags\.{k} = '): setattr(c, k, v)
+        with pytest.raises(ConfigError, match=rf'tags\.{k} = '): setattr(c, k, v)
 
 
 def test_config_defaults_off_and_round_trip():
     c = TagsConfig()
     assert not c.enabled and not c.live and c.dropout == 0 and not c.synonyms
     assert TagsConfig(**json.loads(json.dumps(asdict(c)))) == c
-    assert c.step_table == [list(r) for r in STEP_TABLE]
+    assert c.step_table == [list(r) for r in TAG_STEP_TABLE]
+
+
+def test_section_is_duck_typed_and_required():
+    from types import SimpleNamespace
+    st, pc = tag_statistics(list(synthetic_booru_captions(300, seed=0, mean_tags=10)))
+    c = TagsConfig(enabled=True, alpha=0.8)
+    duck = SimpleNamespace(**asdict(c))
+    assert np.array_equal(TagWeighting(st, pc, duck).item_weights, TagWeighting(st, pc, c).item_weights)
+    assert weight_settings(duck) == weight_settings(c) == c.weight_settings() and set(weight_settings(c)) == set(WEIGHT_KEYS)
+    for bad in (None, SimpleNamespace(curve='power'), {'curve': 'power'}):
+        with pytest.raises(ValueError, match=r'not a \[tags\] section'): TagWeighting(st, pc, bad)
+    with pytest.raises(TypeError): TagWeighting(st, pc)                     # no hidden default
+    with pytest.raises(TypeError): TagCache(Path('/tmp')).weighting(['a'])
+    assert tags_section(c) is c
 
 
 # -- cache -----------------------------------------------------------------------------------------------------------
@@ -384,9 +401,22 @@ def test_cache_survives_damage(tmp_path, caplog):
     assert not hit and st.count('solo') == 2 and 'damaged' in caplog.text
 
 
-# -- CLI -------------------------------------------------------------------------------------------------------------
+# -- report and CLI --------------------------------------------------------------------------------------------------
+def test_report_and_lines(tmp_path):
+    caps = list(synthetic_booru_captions(300, seed=0))
+    r = tags_report(None, tmp_path / 'out', 4, TagsConfig(), captions=caps)
+    lines = report_lines(r, 4)
+    assert lines[0].startswith('300 captions (0 empty)') and len(lines) == 1 + 4 + 1 and lines[-1].startswith('wrote ')
+    assert [ln.split()[1] for ln in lines[1:-1]] == [t for t, _, _ in r['weighting'].stats.top(4)]
+    assert len(report_lines(r, 50)) == 1 + 10 + 1                        # at most 10 tags on the console
+    assert json.loads((tmp_path / 'out' / 'summary.json').read_text()) == r['summary']
+    with pytest.raises(ValueError, match='top=0'): tags_report(None, tmp_path / 'o2', 0, TagsConfig(), captions=caps)
+
+
 def _cli(*args):
-    return subprocess.run([sys.executable, '-m', 'ztsnr_nb.data.tags', *map(str, args)], cwd=ROOT, capture_output=True,
+    "ztsnr_nb_tags (ztsnr_nb.cli.tags_main) in a fresh process."
+    code = 'import sys; from ztsnr_nb.cli import tags_main; sys.exit(tags_main(sys.argv[1:]))'
+    return subprocess.run([sys.executable, '-c', code, *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**__import__('os').environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg'})
 
 
@@ -406,6 +436,6 @@ def test_cli_bad_input_exit_2(tmp_path):
     assert r.returncode == 2 and 'no such file or folder' in r.stderr and 'Traceback' not in r.stderr
     (tmp_path / 'c.txt').write_text('a, b\n')
     r = _cli(tmp_path / 'c.txt', '--set', 'curv=step', '--quiet')
-    assert r.returncode == 2 and 'tags.curv: unknown key' in r.stderr
+    assert r.returncode == 2 and "unknown key 'tags.curv'" in r.stderr and 'tags.curve' in r.stderr
     r = _cli(tmp_path / 'c.txt', '--set', 'alpha=-2', '--quiet')
     assert r.returncode == 2 and 'tags.alpha = -2' in r.stderr

@@ -6,8 +6,9 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from ztsnr_nb.data import tags as T
-from ztsnr_nb.data.tags import (TagCache, TagsConfig, captions_from_cache, effective_counts, embed_tags, encoder_fingerprint,
-                                pca_2d, read_captions, synonym_pairs)
+from ztsnr_nb.data.tags import (TagCache, captions_from_cache, effective_counts, embed_tags, encoder_fingerprint, pca_2d,
+                                read_captions, synonym_pairs)
+from ztsnr_nb.training.config import TagsConfig
 from ztsnr_nb.models.sdxl import build_tiny_sdxl
 
 

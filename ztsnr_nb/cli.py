@@ -10,7 +10,10 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +22,8 @@ from .training.config import (EXAMPLE_HEADER, ConfigError, TrainConfig, config_f
                                       load_toml, set_key, to_toml)
 
 # %% auto #0
-__all__ = ['train_parser', 'config_from_args', 'main', 'generate_parser', 'generate_main', 'make_tiny_main', 'make_dataset_main']
+__all__ = ['train_parser', 'config_from_args', 'main', 'generate_parser', 'generate_main', 'make_tiny_main', 'make_dataset_main',
+           'tags_main', 'posthoc_ema_main', 'push_main', 'vae_main', 'upscale_main']
 
 # %% ../nbs/90_cli.ipynb #96122356
 class _OneLineParser(argparse.ArgumentParser):
@@ -38,9 +42,12 @@ def train_parser() -> argparse.ArgumentParser:
     ap.add_argument('--max-steps', type=int, help='optim.max_steps (with no CONFIG: the demo\'s training steps)')
     ap.add_argument('--data', help='data.source')
     ap.add_argument('--pretrained', help='model.pretrained')
+    ap.add_argument('--trust-checkpoint', action='store_true',
+                    help='resume even from a checkpoint folder holding pickle files (they can run code: only for folders you trust)')
     ap.add_argument('--check', action='store_true', help='validate CONFIG completely and exit 0 (valid) or 2, loading nothing')
     ap.add_argument('--demo', action='store_true', help='run the embedded demo (the default with no arguments)')
-    ap.add_argument('--demo-steps', type=int, help='training steps of the demo (same as --max-steps with no CONFIG)')
+    ap.add_argument('--demo-steps', type=int, help='training steps of each demo model (same as --max-steps with no CONFIG)')
+    ap.add_argument('--demo-samples', type=int, help='seeds per prompt of the demo\'s side by side (default 8)')
     ap.add_argument('--print-config', action='store_true', help='print a documented example config for real SDXL and exit')
     ap.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     return ap
@@ -68,13 +75,15 @@ def config_from_args(args) -> TrainConfig:
 # %% ../nbs/90_cli.ipynb #2a438098
 def _demo_args(args) -> dict:
     "The demo's arguments from the flags; flags that only make sense with a CONFIG are refused."
-    bad = [_flag(f) for f in ('resume', 'check') if getattr(args, f)] + (['--set'] if args.set else [])
+    bad = [_flag(f) for f in ('resume', 'check', 'trust_checkpoint') if getattr(args, f)] + (['--set'] if args.set else [])
     if bad: raise ConfigError(f"{', '.join(bad)} need a CONFIG (the demo has none): pass CONFIG.toml, or drop {bad[0]}")
     if args.max_steps is not None and args.demo_steps is not None and args.max_steps != args.demo_steps:
         raise ConfigError(f"--max-steps {args.max_steps} and --demo-steps {args.demo_steps} disagree: give one")
     steps = args.max_steps if args.max_steps is not None else args.demo_steps
     if steps is not None and steps < 1: raise ConfigError(f"--max-steps {steps}: the demo needs at least 1 step")
-    return dict(out=args.output_dir, **({} if steps is None else {'steps': steps}))
+    if args.demo_samples is not None and args.demo_samples < 2: raise ConfigError(f"--demo-samples {args.demo_samples}: use at least 2 (a mean and a spread)")
+    return dict(out=args.output_dir, **({} if steps is None else {'steps': steps}),
+                **({} if args.demo_samples is None else {'samples': args.demo_samples}))
 
 def _check(args) -> int:
     "`--check`: validate the config, report paths that do not exist here (not an error: they may exist where it runs)."
@@ -91,30 +100,90 @@ def _quiet_libraries():
     for noisy in ('httpx', 'PIL', 'matplotlib', 'urllib3', 'accelerate', 'diffusers', 'transformers'):
         logging.getLogger(noisy).setLevel(logging.ERROR if noisy == 'transformers' else logging.WARNING)
 
+# %% ../nbs/90_cli.ipynb #57b72d3f
+def _writable_folder(key: str, folder) -> None:
+    "ConfigError unless `folder` is (or can be created as) a folder this process can write into."
+    p = Path(folder)
+    if p.exists() and not p.is_dir(): raise ConfigError(f"{key} = {str(p)!r} is a file, not a folder: choose a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p): pass
+    except OSError as e:
+        raise ConfigError(f"{key} = {str(p)!r} cannot be written ({e.strerror or e}): choose a folder you can write to") from None
+
+def _preflight(cfg: TrainConfig) -> None:
+    "The paths a run reads exist and the folders it writes are writable, before any model or data is loaded."
+    problems = cfg.missing_paths()
+    if problems: raise ConfigError(problems[0])
+    r = cfg.checkpoint.resume
+    if r not in (None, '', 'latest') and not any((Path(r) / n).is_file() for n in ('manifest.json', 'trainer_state.json')):
+        raise ConfigError(f"checkpoint.resume = {str(r)!r} is not a checkpoint folder (no manifest.json): use --resume latest, "
+                          f"or a folder {cfg.checkpoint.output_dir}/checkpoints/checkpoint-NNNNNNNN")
+    _writable_folder('checkpoint.output_dir', cfg.checkpoint.output_dir)
+    if cfg.data.cache_dir is not None: _writable_folder('data.cache_dir', cfg.data.cache_dir)
+
+def _loaded(module: str, name: str):
+    "A class from an already imported module, or None (the error path never imports torch)."
+    return getattr(sys.modules.get(module), name, None)
+
+def _exit_code(e: BaseException) -> int:
+    "2: bad config or input; 3: the run diverged; 1: any other runtime failure."
+    of = lambda *cs: any(c is not None and isinstance(e, c) for c in cs)
+    if of(_loaded('ztsnr_nb.training.checkpointing', 'UnsafeCheckpointError')): return 2
+    if of(_loaded('ztsnr_nb.training.trainer', 'NonFiniteLossError'), _loaded('ztsnr_nb.models.checkpoint', 'NonFiniteWeightsError')): return 3
+    if isinstance(e, (ValueError, FileNotFoundError, RecursionError)): return 2
+    return 1
+
+def _one_line(prog: str, e: BaseException, code: int) -> str:
+    msg = ' '.join(str(e).split()) or type(e).__name__
+    ours = type(e).__module__.startswith('ztsnr_nb') or isinstance(e, (ValueError, FileNotFoundError))
+    return f"{prog}: {'' if code == 3 else 'error: '}{'' if ours else type(e).__name__ + ': '}{msg}" + \
+           ('' if code != 1 or ours else ' (run with --debug for the traceback)')
+
+class _Terminated(BaseException):
+    "SIGTERM outside the training loop (the trainer handles it inside)."
+
+def _raise_terminated(signum, frame): raise _Terminated()
+
 # %% ../nbs/90_cli.ipynb #aa2e6dea
+def _train(cfg: TrainConfig, trust: bool) -> dict:
+    "Run the trainer; only the main process prints the summary."
+    from ztsnr_nb.training.checkpointing import trusting_checkpoints
+    from ztsnr_nb.training.trainer import Trainer
+    with trusting_checkpoints(trust):
+        t = Trainer(cfg)
+        s = t.fit()
+    if t.acc.is_main_process: print(json.dumps(s, indent=1, default=str))
+    return s
+
 def main(argv: Sequence[str] | None = None) -> int:
     "Console entry `ztsnr_nb_train`; returns the exit code."
     args = train_parser().parse_args(argv)
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         if args.print_config: print(to_toml(example_config(), header=EXAMPLE_HEADER), end=''); return 0
         if args.check: return _check(args)
         demo = args.demo or not (args.config or args.data or args.pretrained)
         kw = _demo_args(args) if demo else None
         cfg = None if demo else config_from_args(args)
+        if cfg is not None: _preflight(cfg)
         _quiet_libraries()
-        from ztsnr_nb.training.trainer import NonFiniteLossError, Trainer
-        try:
-            if demo:
-                from ztsnr_nb.training.demo import run_demo
-                s = run_demo(**kw)
-            else:
-                s = Trainer(cfg).fit()
-                print(json.dumps(s, indent=1, default=str))
-        except NonFiniteLossError as e:
-            print(f"ztsnr_nb_train: {e}", file=sys.stderr); return 3
-    except (ValueError, FileNotFoundError) as e:
+        if demo:
+            from ztsnr_nb.training.demo import run_demo
+            s = run_demo(**kw)
+        else: s = _train(cfg, args.trust_checkpoint)
+    except (KeyboardInterrupt, _Terminated) as e:
         if args.debug: raise
-        print(f"ztsnr_nb_train: error: {' '.join(str(e).split())}", file=sys.stderr); return 2
+        name = 'SIGINT' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'
+        print(f"ztsnr_nb_train: stopped by {name} before training started; finished cache shards and checkpoints are kept: "
+              f"run the same command to continue", file=sys.stderr)
+        return 130 if name == 'SIGINT' else 143
+    except Exception as e:
+        if args.debug: raise
+        code = _exit_code(e)
+        print(_one_line('ztsnr_nb_train', e, code), file=sys.stderr); return code
+    finally:
+        if old_term is not None: signal.signal(signal.SIGTERM, old_term)
     if s.get('stopped_by'): return {'SIGINT': 130, 'SIGTERM': 143}.get(s['stopped_by'], 1)
     return 0
 
@@ -159,6 +228,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument('--dtype', default=None, help='fp32, fp16 or bf16 (default: as stored)')
     p.add_argument('--quiet', action='store_true', help='no progress bars or file list')
+    p.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     return p
 
 # %% ../nbs/90_cli.ipynb #438addaf
@@ -204,9 +274,13 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         for i, im in enumerate(images):
             path = save_png(im, out / f"{i0 + i:05d}-{json.loads(im.info['ztsnr_nb']).get('seed', 'x')}.png")
             if not a.quiet: print(path)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{p.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if a.debug: raise
+        print(f"{p.prog}: stopped by SIGINT; the images written so far are kept", file=sys.stderr); return 130
+    except Exception as e:
+        if a.debug: raise
+        code = _exit_code(e)
+        print(_one_line(p.prog, e, code), file=sys.stderr); return code
     return 0
 
 # %% ../nbs/90_cli.ipynb #d85f4edf
@@ -216,10 +290,19 @@ def make_tiny_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument('out', help='output folder')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--no-ztsnr', action='store_true', help='save an epsilon-style (non-ZTSNR) scheduler config')
+    ap.add_argument('--demo-vae', action='store_true', help='instead: fit the demo VAE and write it to OUT (a .safetensors file)')
+    ap.add_argument('--vae-steps', type=int, default=2000, help='fitting steps of --demo-vae (default 2000)')
     a = ap.parse_args(argv)
     _quiet_libraries()
-    from ztsnr_nb.models.sdxl import save_tiny_sdxl
-    try: folder = save_tiny_sdxl(a.out, seed=a.seed, ztsnr=not a.no_ztsnr)
+    try:
+        if a.demo_vae:
+            from ztsnr_nb.training.demo import fit_demo_vae
+            if not a.out.endswith('.safetensors'): raise ValueError(f"OUT={a.out!r}: --demo-vae writes a file; give a name ending in .safetensors")
+            if a.vae_steps < 1: raise ValueError(f"--vae-steps {a.vae_steps}: fit at least 1 step")
+            info = fit_demo_vae(a.out, steps=a.vae_steps, seed=a.seed, progress=sys.stderr.isatty())
+            print(f"demo VAE written to {a.out}: " + json.dumps(info)); return 0
+        from ztsnr_nb.models.sdxl import save_tiny_sdxl
+        folder = save_tiny_sdxl(a.out, seed=a.seed, ztsnr=not a.no_ztsnr)
     except ValueError as e: print(f"ztsnr_nb_make_tiny: error: {e}", file=sys.stderr); return 2
     print(f"tiny SDXL written to {folder}")
     return 0
@@ -247,6 +330,56 @@ def make_dataset_main(argv: Sequence[str] | None = None) -> int:
         solids = sum('solid_color' in r.tags for r in recs)
         print(f'wrote {len(recs)} images ({solids} solid) with captions to {a.out}')
     return 0
+
+# %% ../nbs/90_cli.ipynb #97cf805c
+def tags_main(argv: Sequence[str] | None = None) -> int:
+    "Console entry `ztsnr_nb_tags DATA --top 50`: tag statistics, weights and plots of a dataset (24_data_tags)."
+    from ztsnr_nb.training.config import TagsConfig, parse_override
+    p = _OneLineParser(prog='ztsnr_nb_tags', description="Tag statistics, weights and plots of a dataset's captions.")
+    p.add_argument('data', help='kohya folder, cache folder, records .jsonl or a text file with one caption per line')
+    p.add_argument('--top', type=int, default=50, help='tags and pairs listed (default 50)')
+    p.add_argument('--out', default='tags_report', help='output folder (default: ./tags_report)')
+    p.add_argument('--cache', default=None, help='tag cache folder (default: OUT/cache)')
+    p.add_argument('--model', default=None, help="text encoders for the tag map and synonyms: 'tiny' or a checkpoint")
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a [tags] setting, e.g. --set curve=step --set alpha=0.7')
+    p.add_argument('--quiet', action='store_true', help='no progress or summary')
+    a = p.parse_args(argv)
+    try:
+        if a.top < 1: raise ValueError(f'--top {a.top}: must be >= 1')
+        cfg = TagsConfig()
+        for s in a.set:
+            d = parse_override(s if s.startswith('tags.') else f'tags.{s}')['tags']
+            for k, v in d.items():
+                try: setattr(cfg, k, v)
+                except ValueError as e: raise ConfigError(f"--set {s}: {e}") from None
+        from ztsnr_nb.data import tags
+        model = tags.load_text_model(a.model) if a.model else None
+        r = tags.tags_report(a.data, a.out, a.top, cfg, model, a.cache, progress=not a.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ztsnr_nb_tags: error: {' '.join(str(e).split())}", file=sys.stderr); return 2
+    if not a.quiet: print('\n'.join(tags.report_lines(r, a.top)))
+    return 0
+
+def posthoc_ema_main(argv: Sequence[str] | None = None) -> int:
+    "Console entry `ztsnr_nb_posthoc_ema`: reconstruct an EMA of any length from a run's snapshots (43_training_posthoc_ema)."
+    _quiet_libraries()
+    from ztsnr_nb.training.posthoc_ema import main as run
+    return run(argv)
+
+def push_main(argv: Sequence[str] | None = None) -> int:
+    "Console entry `ztsnr_nb_push`: write the model card and upload an export to the Hugging Face Hub (15_hub)."
+    from ztsnr_nb.hub import main as run
+    return run(argv)
+
+def vae_main(argv: Sequence[str] | None = None) -> int:
+    "Console entry `ztsnr_nb_vae CONFIG`: decoder-only fine-tune of an SDXL VAE (48_training_vae_finetune)."
+    from ztsnr_nb.training.vae_finetune import vae_main as run
+    return run(argv)
+
+def upscale_main(argv: Sequence[str] | None = None) -> int:
+    "Console entry `ztsnr_nb_upscale IMAGE --model M`: tiled ZTSNR upscale to PNGs with all parameters (33_inference_upscale)."
+    from ztsnr_nb.inference.upscale import upscale_main as run
+    return run(argv)
 
 # %% ../nbs/90_cli.ipynb #34733e0f
 #| eval: false

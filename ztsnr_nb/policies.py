@@ -13,9 +13,11 @@ _Number = Union[int, float]
 # %% auto #0
 __all__ = ['PREDICTIONS', 'DIFFUSERS_PREDICTION_TYPES', 'LOSS_WEIGHTINGS', 'TERMINAL_WEIGHTS', 'TIMESTEP_DISTS',
            'TERMINAL_ALPHA_BARS', 'TERMINAL_SIGMAS', 'SPACINGS', 'SAMPLERS', 'SIGMA_MAX_POLICIES', 'ATTENTION_BACKENDS',
-           'normalize_prediction', 'diffusers_prediction_type', 'check_prediction_for_schedule',
-           'resolve_terminal_weight', 'check_timestep_dist', 'resolve_terminal_sigma', 'check_choice',
-           'check_sigma_max']
+           'TAG_CURVES', 'TAG_COMBINE', 'TAG_CATEGORIES', 'TAG_STEP_TABLE', 'LORA_KINDS', 'LORA_INITS',
+           'LORA_UNET_GROUPS', 'LORA_TE_GROUPS', 'POSTHOC_SIGMA_REL_MAX', 'COMPILE_MODES',
+           'ADAPTIVE_OPTIMIZER_PACKAGES', 'HUB_REPO_ID', 'normalize_prediction', 'diffusers_prediction_type',
+           'check_prediction_for_schedule', 'resolve_terminal_weight', 'check_timestep_dist', 'resolve_terminal_sigma',
+           'check_choice', 'check_sigma_max', 'check_step_table']
 
 # %% ../nbs/00_policies.ipynb #75e3308c
 PREDICTIONS = {'v': 'v', 'v_prediction': 'v', 'v-prediction': 'v', 'epsilon': 'epsilon', 'eps': 'epsilon',
@@ -99,3 +101,30 @@ def check_sigma_max(value, name: str = 'sigma_max'):
 
 # %% ../nbs/00_policies.ipynb #dcf9a5ac
 ATTENTION_BACKENDS = ('sdpa', 'xformers', 'sliced', 'math', 'chunked', 'sdpa_flash', 'sdpa_mem_efficient', 'sdpa_cudnn', 'flash_attn')
+
+# %% ../nbs/00_policies.ipynb #29971838
+TAG_CURVES = ('step', 'inverse_log', 'power', 'none')
+TAG_COMBINE = ('mean', 'geomean', 'max')
+TAG_CATEGORIES = ('general', 'artist', 'copyright', 'character', 'meta', 'rating', 'quality')
+TAG_STEP_TABLE = ((40000, 0.8), (10000, 0.85), (5000, 0.9), (1000, 0.95), (100, 1.0), (10, 1.05), (0, 1.1))
+
+def check_step_table(table, key: str = 'tags.step_table') -> tuple[tuple[int, float], ...]:
+    "The table as ((min_count, weight), ...) with strictly decreasing counts ending at 0 and weights > 0, else ValueError."
+    try: rows = tuple((int(c), float(w)) for c, w in table)
+    except (TypeError, ValueError):
+        raise ValueError(f'{key}={table!r}: must be a list of [min_count, weight] pairs, e.g. [[1000, 0.9], [0, 1.1]]') from None
+    cs = [c for c, _ in rows]
+    if not rows or cs[-1] != 0 or any(a <= b for a, b in zip(cs, cs[1:])) or any(not (w > 0 and math.isfinite(w)) for _, w in rows):
+        raise ValueError(f'{key}={table!r}: counts must decrease strictly and end with 0, weights must be > 0; '
+                         'e.g. [[40000, 0.8], [1000, 0.95], [0, 1.1]]')
+    return rows
+
+# %% ../nbs/00_policies.ipynb #d413ebfd
+LORA_KINDS = ('lora', 'lokr', 'loha')
+LORA_INITS = {'lora': ('default', 'gaussian'), 'loha': ('default',), 'lokr': ('default', 'lycoris')}
+LORA_UNET_GROUPS = ('attn', 'ff', 'proj', 'conv', 'time')
+LORA_TE_GROUPS = ('attn', 'mlp')
+POSTHOC_SIGMA_REL_MAX = 0.3002831
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+ADAPTIVE_OPTIMIZER_PACKAGES = {'prodigy': 'prodigyopt', 'schedulefree_adamw': 'schedulefree'}
+HUB_REPO_ID = r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$'

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import time
 import weakref
@@ -28,7 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .sources import ImageError, ImageRecord, load_image_rgb
+from .sources import ImageError, ImageRecord, load_image_rgb, pretruncate_caption
+from ..models.checkpoint import normal_file_mode
 from .buckets import CropPlan, apply_crop_plan, assign_buckets, crop_plan
 from ..models.sdxl import encode_prompt
 from ..models.vae import LatentNorm, encode_latent_dist, pil_to_pixels, vae_in_dtype
@@ -40,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'CACHE_FORMAT_VERSION', 'bytes_digest', 'module_digest', 'config_dict', 'latent_fingerprint', 'key_owner',
-           'ShardStore', 'LatentEntry', 'sample_latent', 'CacheReport', 'LatentCache', 'tokenizer_digest',
-           'text_fingerprint', 'caption_key', 'TextEntry', 'TextEmbeddingCache']
+           'ShardStore', 'CacheBusyError', 'CacheWriteError', 'LatentEntry', 'sample_latent', 'CacheReport',
+           'LatentCache', 'tokenizer_digest', 'text_fingerprint', 'caption_key', 'TextEntry', 'TextEmbeddingCache']
 
 # %% ../../nbs/23_data_latent_cache.ipynb #197a7ec8
 CACHE_FORMAT_VERSION = 1
@@ -217,19 +219,36 @@ def _begin(self: ShardStore, fingerprint: str, settings: dict) -> int:
     return n
 
 # %% ../../nbs/23_data_latent_cache.ipynb #481a4688
+class CacheBusyError(RuntimeError):
+    "Another process holds this rank of the cache; the message names its PID."
+
+class CacheWriteError(RuntimeError):
+    "A shard could not be written (full disk, I/O error); every committed shard is intact."
+
+def _lock_owner(fd) -> str:
+    try: return os.pread(fd, 32, 0).decode().strip() or '?'
+    except OSError: return '?'
+
 @patch
 @contextmanager
-def _rank_lock(self: ShardStore, rank: int):
-    "Hold locks/r{rank}.lock for a build; a second builder of the same rank gets a clear error."
+def _rank_lock(self: ShardStore, rank: int, timeout: float = 0.0):
+    "Hold locks/r{rank}.lock (with our PID in it) for a build; wait up to `timeout` s for another builder, then CacheBusyError."
     if fcntl is None: yield; return
-    f = open(self.folder / 'locks' / f'r{rank:03d}.lock', 'a+')
+    fd = os.open(self.folder / 'locks' / f'r{rank:03d}.lock', os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f'{self.folder}: another process is building rank {rank} of this cache; wait for it '
-                               'to finish, or give each process its own rank (rank=, world_size=)') from None
+        deadline, said = time.monotonic() + timeout, False
+        while True:
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+            except BlockingIOError:
+                pid = _lock_owner(fd)
+                if time.monotonic() >= deadline:
+                    raise CacheBusyError(f'{self.folder}: another process is building rank {rank} of this cache (PID {pid}); wait for '
+                                         'it to finish (this run then reuses its work), or give this run another data.cache_dir') from None
+                if not said: logger.warning('%s: waiting for process %s (building rank %d)', self.folder, pid, rank); said = True
+                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        os.ftruncate(fd, 0); os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
         yield
-    finally: f.close()
+    finally: os.close(fd)
 
 @patch
 def _repair(self: ShardStore, rank: int) -> int:
@@ -259,9 +278,17 @@ def _commit_shard(self: ShardStore, rank: int, seq: int, tensors: dict, rows: li
     "Write a shard atomically (tmp → fsync → rename), then commit its rows in one transaction."
     name = f'r{rank:03d}-{seq:06d}.safetensors'
     path = self._shard_path(name); tmp = path.with_name(name + '.tmp')
-    save_file(tensors, str(tmp), metadata={'format': 'ztsnr_nb', 'kind': self.kind,
-                                           'version': str(CACHE_FORMAT_VERSION), 'fingerprint': str(self._fp)})
-    _fsync(tmp); os.replace(tmp, path); _fsync(path.parent, directory=True)
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
+    try:
+        if shutil.disk_usage(path.parent).free < need: raise OSError(28, f'No space left on device (a shard needs {need / 1e6:.1f} MB)')
+        save_file(tensors, str(tmp), metadata={'format': 'ztsnr_nb', 'kind': self.kind,
+                                               'version': str(CACHE_FORMAT_VERSION), 'fingerprint': str(self._fp)})
+        normal_file_mode(tmp); _fsync(tmp); os.replace(tmp, path); _fsync(path.parent, directory=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, Exception): raise
+        raise CacheWriteError(f"writing cache shard {path} failed ({' '.join(str(e).split())}): every committed shard is intact; "
+                              "free space (or move data.cache_dir) and run again to continue") from None
     cols = ['key', 'shard', 'slot'] + [c for c in rows[0] if c not in ('key', 'slot')]
     sql = f'INSERT OR REPLACE INTO items({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))})'
     with self._tx() as con:
@@ -448,7 +475,7 @@ class LatentCache(ShardStore):
 
 # %% ../../nbs/23_data_latent_cache.ipynb #84716558
 def _check_latent_build(records, buckets, crop, batch_size, shard_size, flush_every_s, num_load_threads, rank, world_size):
-    "(records, buckets) of a LatentCache.build as lists, after checking every argument; ValueError naming a bad one."
+    "(unique records, buckets, repeated keys) of a LatentCache.build, after checking every argument; ValueError naming a bad one."
     _check_rank(rank, world_size); _positive('batch_size', batch_size); _positive('shard_size', shard_size)
     _positive('flush_every_s', flush_every_s, float)
     if crop not in ('center', 'random'): raise ValueError(f"crop={crop!r}: use 'center' or 'random'")
@@ -458,12 +485,11 @@ def _check_latent_build(records, buckets, crop, batch_size, shard_size, flush_ev
     if not buckets or any(w % 8 or h % 8 for w, h in buckets):
         raise ValueError(f'buckets={buckets[:4]}...: pass a non-empty list of (w, h) with sides divisible by 8 (the VAE downsamples 8x), '
                          'e.g. ztsnr_nb.data.buckets.make_buckets()')
-    records = list(records)
-    keys = [r.id for r in records]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k, c in Counter(keys).items() if c > 1)
-        raise ValueError(f'records contain {dup!r} more than once: pass each image once (kohya repeats go to the sampler)')
-    return records, buckets
+    first, dups = {}, []
+    for r in records:     # a key twice (e.g. repeated in a shard list): the first is cached, the others reported
+        if r.id in first: dups.append(r.id)
+        else: first[r.id] = r
+    return list(first.values()), buckets, dups
 
 def _bucket_batches(todo: list[ImageRecord], buckets: list[tuple[int, int]], batch_size: int) -> list[tuple[tuple[int, int], list]]:
     "(bucket, records) VAE batches: records grouped by their assigned bucket, in bucket order, at most batch_size each."
@@ -478,17 +504,18 @@ def build(self: LatentCache, records: Sequence[ImageRecord], vae, buckets: Seque
           crop: str = 'center', flip_variants: bool = False, batch_size: int = 8, shard_size: int = 256, dtype: torch.dtype = torch.float16,
           store_std: bool = True, encode_dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
           world_size: int = 1, num_load_threads: int = 2, flush_every_s: float = 120.0, verify_hash: bool = False,
-          progress: bool = True, fingerprint: str | None = None) -> CacheReport:
+          progress: bool = True, fingerprint: str | None = None, lock_timeout: float = 0.0) -> CacheReport:
     "Encode every record this rank owns that is not cached (or changed), shard by shard; resumable after a kill."
     t0 = time.perf_counter()
-    records, buckets = _check_latent_build(records, buckets, crop, batch_size, shard_size, flush_every_s,
-                                           num_load_threads, rank, world_size)
+    records, buckets, dups = _check_latent_build(records, buckets, crop, batch_size, shard_size, flush_every_s,
+                                                 num_load_threads, rank, world_size)
     fp = fingerprint or latent_fingerprint(vae, buckets, crop, seed, dtype, store_std, encode_dtype)
     settings = dict(buckets=buckets, crop=crop, seed=seed, dtype=str(dtype), store_std=bool(store_std),
                     **dataclasses.asdict(LatentNorm.of(vae)),
                     latent_channels=getattr(vae.config, 'latent_channels', None))
     rep = CacheReport('latent', total=len(records))
-    with self._rank_lock(rank):
+    for k in dict.fromkeys(dups): rep.fail(k, 'duplicate_key', 'the records list it more than once: the first one is cached')
+    with self._rank_lock(rank, lock_timeout):
         rep.discarded = self._begin(fp, settings)
         writer = _ShardWriter(self, rank, shard_size, flush_every_s)
         todo = self._plan(records, rank, world_size, flip_variants, verify_hash, rep, progress)
@@ -646,7 +673,7 @@ class TextEmbeddingCache(ShardStore):
 @patch
 def build(self: TextEmbeddingCache, captions: Iterable[str], text_encoder, text_encoder_2, tokenizer, tokenizer_2, *,
           batch_size: int = 32, shard_size: int = 512, dtype: torch.dtype = torch.float16, rank: int = 0, world_size: int = 1,
-          flush_every_s: float = 120.0, progress: bool = True, fingerprint: str | None = None) -> CacheReport:
+          flush_every_s: float = 120.0, progress: bool = True, fingerprint: str | None = None, lock_timeout: float = 0.0) -> CacheReport:
     "Encode every distinct caption this rank owns that is not cached yet; resumable like LatentCache.build."
     t0 = time.perf_counter()
     _check_rank(rank, world_size); _positive('batch_size', batch_size); _positive('shard_size', shard_size)
@@ -655,7 +682,7 @@ def build(self: TextEmbeddingCache, captions: Iterable[str], text_encoder, text_
     if bad is not None: raise ValueError(f'captions must be strings, got {bad!r} ({type(bad).__name__})')
     fp = fingerprint or text_fingerprint(text_encoder, text_encoder_2, tokenizer, tokenizer_2, dtype)
     rep = CacheReport('text', total=len(caps))
-    with self._rank_lock(rank):
+    with self._rank_lock(rank, lock_timeout):
         rep.discarded = self._begin(fp, dict(dtype=str(dtype)))
         writer = _ShardWriter(self, rank, shard_size, flush_every_s)
         have = {k for (k,) in self.db.execute('SELECT key FROM items')}
@@ -668,7 +695,8 @@ def build(self: TextEmbeddingCache, captions: Iterable[str], text_encoder, text_
             with torch.no_grad():
                 for i in range(0, len(todo), batch_size):
                     chunk = todo[i:i + batch_size]
-                    ctx, pooled = encode_prompt(text_encoder, text_encoder_2, tokenizer, tokenizer_2, chunk)
+                    short = [pretruncate_caption(c, max(tokenizer.model_max_length, tokenizer_2.model_max_length)) for c in chunk]
+                    ctx, pooled = encode_prompt(text_encoder, text_encoder_2, tokenizer, tokenizer_2, short)
                     for j, c in enumerate(chunk):
                         if not (torch.isfinite(ctx[j]).all() and torch.isfinite(pooled[j]).all()):
                             rep.fail(caption_key(c), 'nonfinite_embedding', f'caption {c[:60]!r}: run the text encoders in fp32'); continue

@@ -27,11 +27,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'MAX_PIXELS', 'IMAGE_EXTS', 'SKIP_REASONS', 'REPAIR_REASONS', 'SUPPORTED_MODES', 'CAPTION_KEYS',
-           'ImageError', 'decode_caption', 'read_caption', 'ImageInfo', 'check_size', 'to_rgb', 'probe_image',
-           'load_image_rgb', 'png_bomb', 'make_broken_corpus', 'ImageRecord', 'ScanReport', 'scan_kohya_folder',
-           'scan_imagefolder', 'expand_urls', 'iter_webdataset', 'source_kind', 'scan_source', 'save_records',
-           'load_records']
+__all__ = ['logger', 'MAX_PIXELS', 'IMAGE_EXTS', 'SKIP_REASONS', 'REPAIR_REASONS', 'MAX_CAPTION_BYTES', 'SUPPORTED_MODES',
+           'CAPTION_KEYS', 'ImageError', 'decode_caption', 'read_caption', 'pretruncate_caption', 'ImageInfo',
+           'check_size', 'to_rgb', 'probe_image', 'load_image_rgb', 'png_bomb', 'make_broken_corpus', 'ImageRecord',
+           'ScanReport', 'scan_kohya_folder', 'scan_imagefolder', 'expand_urls', 'check_pipe', 'iter_webdataset',
+           'make_odd_entries', 'make_hostile_shard', 'source_kind', 'scan_source', 'save_records', 'load_records']
 
 # %% ../../nbs/21_data_sources.ipynb #b059cf02
 MAX_PIXELS: int = 89_478_485  # PIL's default MAX_IMAGE_PIXELS (≈ 0.09 Gpx, a 9459² image): decompression-bomb limit
@@ -53,11 +53,18 @@ SKIP_REASONS: dict[str, str] = {  # reason -> what it means (skipped files)
     'bad_metadata': 'a metadata.jsonl line is not a JSON object with a file_name',
     'no_image': 'a webdataset sample has no image member',
     'zero_repeats': 'the file is in a 0_name kohya folder (0 repeats)',
+    'duplicate_key': 'a second sample/file with a key already seen (the first one is kept)',
+    'dangling_link': 'a symbolic link whose target does not exist',
+    'directory': 'a directory named like an image',
+    'special_file': 'a device, FIFO or socket, not a regular file (never read: it could block or never end)',
+    'symlink': 'a symbolic-link tar member (not followed: it could point anywhere on this machine)',
+    'hardlink': 'a hard-link tar member (webdataset shards store each file once; not followed)',
 }
 REPAIR_REASONS: dict[str, str] = {  # reason -> what was done (kept files)
     'missing_caption': 'no caption file: the empty caption was used',
     'empty_caption': 'the caption is empty or blank: the empty caption was used',
     'non_utf8_caption': 'the caption is not UTF-8: decoded as cp1252 (or latin-1)',
+    'long_caption': 'the caption is longer than MAX_CAPTION_BYTES: cut to that length',
 }
 
 class ImageError(ValueError):
@@ -67,24 +74,51 @@ class ImageError(ValueError):
         super().__init__(f'{self.source}: {reason}: {message}')
 
 # %% ../../nbs/21_data_sources.ipynb #245c3722
-def decode_caption(raw: bytes) -> tuple[str, str | None]:
-    "Caption text from bytes: UTF-8 (BOM dropped), else cp1252/latin-1 with repair reason 'non_utf8_caption'."
-    issue = None
-    try: text = raw.decode('utf-8-sig')
+MAX_CAPTION_BYTES: int = 16 * 1024   # a caption longer than this is cut (SDXL reads 77 tokens, a few hundred bytes)
+
+def _utf8_prefix(raw: bytes) -> str:
+    "UTF-8 text of `raw`, dropping a character cut in half at its end; UnicodeDecodeError for other invalid bytes."
+    try: return raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        if e.start < len(raw) - 3: raise
+        return raw[:e.start].decode('utf-8-sig')
+
+def decode_caption(raw: bytes, max_bytes: int = MAX_CAPTION_BYTES) -> tuple[str, str | None]:
+    "Caption text from bytes (at most max_bytes): UTF-8, else cp1252/latin-1; repair reason 'long_caption'/'non_utf8_caption'."
+    long = len(raw) > max_bytes
+    raw = raw[:max_bytes] if long else raw
+    issue = 'long_caption' if long else None
+    try: text = _utf8_prefix(raw) if long else raw.decode('utf-8-sig')
     except UnicodeDecodeError:
-        issue = 'non_utf8_caption'
+        issue = issue or 'non_utf8_caption'
         try: text = raw.decode('cp1252')
         except UnicodeDecodeError: text = raw.decode('latin-1')
     text = ' '.join(text.replace('\x00', ' ').split())
     if not text and issue is None: issue = 'empty_caption'
     return text, issue
 
-def read_caption(path) -> tuple[str, str | None]:
-    "(caption, repair reason or None) for a caption file; a missing file gives ('', 'missing_caption')."
-    p = Path(path)
-    try: raw = p.read_bytes()
+def read_caption(path, max_bytes: int = MAX_CAPTION_BYTES) -> tuple[str, str | None]:
+    "(caption, repair reason or None) for a caption file (at most max_bytes + 1 read); a missing file gives ('', 'missing_caption')."
+    if os.path.exists(path) and not os.path.isfile(path): return '', 'missing_caption'   # a FIFO would block, a folder raise
+    try:
+        with open(path, 'rb') as f: raw = f.read(max_bytes + 1)
     except FileNotFoundError: return '', 'missing_caption'
-    return decode_caption(raw)
+    return decode_caption(raw, max_bytes)
+
+# %% ../../nbs/21_data_sources.ipynb #3fe6b319
+_WORD = re.compile(r'\S+')
+
+def pretruncate_caption(text: str, max_tokens: int = 77, max_word_chars: int = 1024) -> str:
+    "The prefix of `text` holding its first `max_tokens` words (each word cut at max_word_chars): same first tokens, bounded cost."
+    parts, last, n = [], 0, 0
+    for m in _WORD.finditer(text):
+        n += 1
+        if m.end() - m.start() > max_word_chars:
+            parts.append(text[last:m.start() + max_word_chars]); last = m.end()
+        if n >= max_tokens:
+            parts.append(text[last:m.end()]); return ''.join(parts)
+    parts.append(text[last:])
+    return ''.join(parts)
 
 # %% ../../nbs/21_data_sources.ipynb #480251fc
 @dataclass
@@ -419,6 +453,15 @@ def _scan_limits(min_side, max_aspect, max_pixels, missing_caption):
     if missing_caption not in ('empty', 'skip'):
         raise ValueError(f"missing_caption={missing_caption!r}: use 'empty' (repair) or 'skip'")
 
+def _entry_reason(p: Path) -> str | None:
+    "Why a directory entry is not a regular file to read (a SKIP_REASONS key), or None when it is one."
+    try:
+        if p.is_symlink() and not p.exists(): return 'dangling_link'
+        if p.is_dir(): return 'directory'
+        if not p.is_file(): return 'special_file' if p.exists() else 'missing_file'
+    except OSError: return 'unreadable'
+    return None
+
 def _root(root, what='root') -> Path:
     "An existing directory, else ValueError naming it."
     p = Path(root)
@@ -457,12 +500,17 @@ def scan_kohya_folder(root, min_side: int = 64, max_aspect: float | None = 4.0, 
     _scan_limits(min_side, max_aspect, max_pixels, missing_caption)
     root = _root(root)
     report, records = ScanReport(str(root)), []
-    files = sorted(p for p in root.rglob('*') if p.is_file())
-    hidden = {p for p in files if any(part.startswith('.') for part in p.relative_to(root).parts)}
-    images = {p for p in files if p.suffix.lower() in IMAGE_EXTS and p not in hidden}
+    entries = sorted(p for p in root.rglob('*') if not any(part.startswith('.') for part in p.relative_to(root).parts))
+    why = {p: _entry_reason(p) for p in entries}
+    files = [p for p in entries if why[p] is None]
+    for p in entries:   # symlinks to nowhere, devices, folders named x.png: reported, never read
+        if why[p] is None or (why[p] == 'directory' and p.suffix.lower() not in IMAGE_EXTS): continue
+        if p.suffix.lower() in IMAGE_EXTS: report.seen += 1; report.skip(why[p], p)
+        else: report.note('ignored_file', p)
+    images = {p for p in files if p.suffix.lower() in IMAGE_EXTS}
     stems = {p.with_suffix('') for p in images}
     for p in files:
-        if p in images or p in hidden: continue
+        if p in images: continue
         if p.suffix.lower() == caption_ext and p.with_suffix('') in stems: continue
         report.note('orphan_caption' if p.suffix.lower() == caption_ext else 'ignored_file', p)
     for p in _progress([p for p in files if p in images], progress, f'scan {root.name}'):
@@ -511,8 +559,10 @@ def scan_imagefolder(root, min_side: int = 64, max_aspect: float | None = 4.0, m
             if not isinstance(row, dict) or not isinstance(row.get('file_name'), str):
                 report.seen += 1; report.skip('bad_metadata', item, 'needs a "file_name" string'); continue
             p = meta.parent / row['file_name']
-            listed.add(p.resolve()); report.seen += 1
-            if not p.is_file(): report.skip('missing_file', p, f'named at {item}'); continue
+            report.seen += 1
+            if p.resolve() in listed: report.skip('duplicate_key', p, f'named again at {item}'); continue
+            listed.add(p.resolve())
+            if (r := _entry_reason(p)) is not None: report.skip(r, p, f'named at {item}'); continue
             if (info := _probe_or_skip(report, p, p, min_side, max_aspect, max_pixels, verify)) is None: continue
             text = next((_caption_value(row[k]) for k in keys if row.get(k) is not None), None)
             text, issue = ('', 'missing_caption') if text is None else decode_caption(text.encode('utf-8', 'surrogatepass'))
@@ -545,10 +595,18 @@ def expand_urls(urls) -> list[str]:
         out += expand_urls([u[:m.start()] + o + u[m.end():] for o in opts])
     return out
 
-def _open_stream(url: str, timeout: float = 60.0):
-    "A readable binary stream for a path, file://, http(s):// or pipe: shard."
+def check_pipe(urls, allow_pipe: bool = False) -> None:
+    "ValueError naming the first `pipe:` source unless `allow_pipe` (a pipe: source runs a shell command)."
+    bad = next((u for u in expand_urls(urls) if u.startswith('pipe:')), None) if not allow_pipe else None
+    if bad is not None:
+        raise ValueError(f"data source {bad[:80]!r} runs a shell command (pipe:): set data.allow_pipe = true "
+                         "(allow_pipe=True) if you wrote it yourself, or give paths/URLs of the shards")
+
+def _open_stream(url: str, timeout: float = 60.0, allow_pipe: bool = False):
+    "A readable binary stream for a path, file://, http(s):// or (allowed) pipe: shard."
     if url.startswith(('http://', 'https://')): return urllib.request.urlopen(url, timeout=timeout)
     if url.startswith('pipe:'):
+        check_pipe([url], allow_pipe)
         return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20).stdout
     if url.startswith('file://'): url = url[7:]
     return open(url, 'rb')
@@ -562,29 +620,41 @@ def _wds_split(name: str) -> tuple[str, str]:
 
 _WDS_IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'tif', 'tiff', 'gif')
 
-def _wds_samples(url: str, report: ScanReport):
-    "Yield (key, {ext: (bytes, offset)}) per sample of one shard; shard errors are reported, not raised."
+def _member_reason(m: tarfile.TarInfo) -> str:
+    return 'symlink' if m.issym() else 'hardlink' if m.islnk() else 'special_file'
+
+_CAPTION_MEMBERS = {'txt': MAX_CAPTION_BYTES, 'caption': MAX_CAPTION_BYTES, 'json': 1 << 20}   # bytes read at most
+
+def _wds_samples(url: str, report: ScanReport, allow_pipe: bool = False):
+    "Yield (key, {ext: (bytes, offset)}) per sample of one shard; shard errors, odd members and duplicates are reported."
     lazy = not url.startswith(('http://', 'https://', 'pipe:'))
     try:
-        stream = _open_stream(url)
+        stream = _open_stream(url, allow_pipe=allow_pipe)
         if lazy:
             head = stream.read(2); stream.seek(0); lazy = head != b'\x1f\x8b' and not url.endswith(('.bz2', '.xz', '.zst'))
     except OSError as e: report.skip('unreadable', url, f'cannot open shard: {e}'); return
-    key, sample = None, {}
+    key, sample, seen, dup = None, {}, set(), False
     try:
         with stream, tarfile.open(fileobj=stream, mode='r|*') as tf:
             for m in tf:
-                if not m.isfile(): continue
+                if m.isdir(): continue
+                if not m.isfile():
+                    report.seen += 1; report.skip(_member_reason(m), f'{url}#{m.name}', SKIP_REASONS[_member_reason(m)]); continue
                 k, ext = _wds_split(m.name)
-                if k != key and sample: yield key, sample; sample = {}
-                key = k
-                data = tf.extractfile(m).read()
+                if k != key or ext in sample:          # a new sample; a member seen again in this one means a repeated key
+                    if sample and not dup: yield key, sample
+                    key, sample, dup = k, {}, k in seen
+                    if dup: report.seen += 1; report.skip('duplicate_key', f'{url}#{k}', 'a second sample with this key: the first is kept')
+                    seen.add(k)
+                if dup: continue
+                f = tf.extractfile(m)
+                data = f.read(_CAPTION_MEMBERS[ext] + 1) if ext in _CAPTION_MEMBERS else f.read()
                 sample[ext] = (data, m.offset_data if lazy else None)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         report.skip('truncated' if isinstance(e, (EOFError, tarfile.ReadError)) else 'unreadable', f'{url}#{key}',
                     f'shard ended or failed inside sample {key!r} ({e}); the rest of the shard is lost')
         sample = {}
-    if sample: yield key, sample
+    if sample and not dup: yield key, sample
 
 # %% ../../nbs/21_data_sources.ipynb #461ef76b
 def _wds_caption(sample: dict) -> tuple[str, str | None, dict]:
@@ -604,12 +674,13 @@ def _wds_caption(sample: dict) -> tuple[str, str | None, dict]:
 
 def iter_webdataset(urls, report: ScanReport | None = None, min_side: int = 64, max_aspect: float | None = 4.0,
                     max_pixels: int | None = MAX_PIXELS, missing_caption: str = 'empty', verify: bool = False,
-                    keep_data: bool | None = None) -> Iterator[ImageRecord]:
-    "Stream ImageRecords from webdataset tar shards (paths, URLs, pipe:, brace ranges); bad samples go to report."
+                    keep_data: bool | None = None, allow_pipe: bool = False) -> Iterator[ImageRecord]:
+    "Stream ImageRecords from webdataset tar shards (paths, URLs, brace ranges, pipe: if allowed); bad samples go to report."
     _scan_limits(min_side, max_aspect, max_pixels, missing_caption)
+    check_pipe(urls, allow_pipe)
     report = report if report is not None else ScanReport(str(urls))
     for url in expand_urls(urls):
-        for key, sample in _wds_samples(url, report):
+        for key, sample in _wds_samples(url, report, allow_pipe):
             report.seen += 1
             item = f'{url}#{key}'
             ext = next((e for e in _WDS_IMAGE_EXTS if e in sample), None)
@@ -627,6 +698,33 @@ def iter_webdataset(urls, report: ScanReport | None = None, min_side: int = 64, 
             yield ImageRecord(url, cap, info.width, info.height, 1, 'webdataset', key=key, extra=extra,
                               data=None if lazy_ok else data)
 
+# %% ../../nbs/21_data_sources.ipynb #7e4d08dc
+def make_odd_entries(folder, png: bytes) -> dict[str, str]:
+    "Entries with image names that are not regular files (dangling link, folder, FIFO, link to a device); {name: reason}."
+    out = Path(folder); out.mkdir(parents=True, exist_ok=True)
+    (out / 'dangling.png').symlink_to(out / 'nowhere.png')
+    (out / 'folder.png').mkdir()
+    (out / 'device.png').symlink_to('/dev/zero')                 # reading it would never end
+    expected = {'dangling.png': 'dangling_link', 'folder.png': 'directory', 'device.png': 'special_file'}
+    if hasattr(os, 'mkfifo'): os.mkfifo(out / 'fifo.png'); expected['fifo.png'] = 'special_file'   # reading it would block
+    (out / 'linked.png').symlink_to(out / 'real.png'); (out / 'real.png').write_bytes(png)          # a link to an image: kept
+    return expected
+
+def make_hostile_shard(path, png: bytes) -> dict[str, str]:
+    "A webdataset tar with adjacent and non-adjacent repeated keys, a symlink, a hard link and a device member; {item: reason}."
+    def add(tf, name, data=None, kind=tarfile.REGTYPE, target=''):
+        ti = tarfile.TarInfo(name); ti.type = kind; ti.linkname = target
+        if data is not None: ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    with tarfile.open(path, 'w') as tf:
+        for k in ('a', 'a', 'b', 'c', 'a'):                         # 'a' twice in a row, then again later
+            add(tf, f'{k}.png', png); add(tf, f'{k}.txt', f'caption {k}'.encode())
+        add(tf, 'l.png', kind=tarfile.SYMTYPE, target='/etc/passwd')
+        add(tf, 'h.png', kind=tarfile.LNKTYPE, target='b.png')
+        add(tf, 'd.png', kind=tarfile.CHRTYPE)
+    u = str(path)
+    return {f'{u}#a': 'duplicate_key', f'{u}#l.png': 'symlink', f'{u}#h.png': 'hardlink', f'{u}#d.png': 'special_file'}
+
 # %% ../../nbs/21_data_sources.ipynb #4ac1641e
 def source_kind(src) -> str:
     "'imagefolder', 'kohya' or 'webdataset' for a path/URL/list, or ValueError naming src."
@@ -642,6 +740,7 @@ def source_kind(src) -> str:
 def scan_source(src, report_path=None, **kw) -> tuple[list[ImageRecord], ScanReport]:
     "Scan a kohya folder, imagefolder or webdataset source (auto-detected) into (records, report)."
     kind = source_kind(src)
+    if kind != 'webdataset': kw.pop('allow_pipe', None)
     if kind == 'kohya': recs, rep = scan_kohya_folder(src, **kw)
     elif kind == 'imagefolder': recs, rep = scan_imagefolder(src, **kw)
     else:

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from ..schedule import add_noise, sample_ddim, sample_euler
 from ..models.sdxl import SDXL_COMPONENTS, Conditioning, SDXLComponents, device_dtype
 from ..models.vae import decode_latents, encode_images, from_pil, to_pil
+from ..models.attention import keep_attention, set_attention_backend, set_token_downsampling
 from ..data.buckets import sdxl_time_ids
 from .sampling import (SamplerConfig, GuidedModel, _is_int, _start_index, ddim_v_model, sampling_levels,
                                          sdxl_schedule, start_sigma, unet_denoiser)
@@ -195,9 +196,21 @@ def _noise(self: SDXLGenerator, n, shape, seed, noise):
     seeds = [seed + i for i in range(n)]
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
 
+# %% ../../nbs/32_inference_generate.ipynb #cdb11f49
 @patch
 def _sample(self: SDXLGenerator, prompts, negs, noise, x0, cfg_: SamplerConfig, width, height, strength, progress, callback):
     "Run the sampler batch by batch; x0 = encoded images for img2img (None for txt2img). Returns latents (fp32, CPU)."
+    args = (prompts, negs, noise, x0, cfg_, width, height, strength, progress, callback)
+    if cfg_.attention is None and cfg_.token_downsampling == 1: return self._sample_loop(*args)
+    with keep_attention(self.unet):           # sampling-only attention settings; the model's own come back afterwards
+        if cfg_.attention is not None: set_attention_backend(self.unet, cfg_.attention)
+        if cfg_.token_downsampling > 1:
+            set_token_downsampling(self.unet, cfg_.token_downsampling, cfg_.token_downsampling_method, max_depth=1,
+                                   min_tokens=cfg_.token_downsampling_min_tokens)
+        return self._sample_loop(*args)
+
+@patch
+def _sample_loop(self: SDXLGenerator, prompts, negs, noise, x0, cfg_: SamplerConfig, width, height, strength, progress, callback):
     D = noise[0].numel()
     levels = sampling_levels(cfg_, D, strength)
     use_neg = cfg_.cfg_scale != 1

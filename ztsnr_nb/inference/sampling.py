@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from ..policies import (SAMPLERS, SPACINGS, check_choice, check_prediction_for_schedule, check_sigma_max,
-                               normalize_prediction, resolve_terminal_sigma)
+from ..policies import (ATTENTION_BACKENDS, SAMPLERS, SPACINGS, check_choice, check_prediction_for_schedule,
+                               check_sigma_max, normalize_prediction, resolve_terminal_sigma)
+from ..models.attention import TOKEN_DOWNSAMPLING_METHODS
 from ..schedule import (NoiseSchedule, alpha_bar_from_sigma, c_in, cfg, cfg_rescale, resolution_sigma_max,
                                sigma_from_alpha_bar, v_denoiser, v_from_eps, x0_from_eps)
 from ..models.sdxl import Conditioning, device_dtype, unet_forward
@@ -40,6 +41,10 @@ class SamplerConfig:
     zero_negative: bool = True                # an empty negative prompt is a zero conditioning (SDXL's force_zeros_for_empty_prompt)
     seed: int | None = None                   # None: a random seed, recorded in the PNG
     batch_size: int = 4                       # images per UNet call (×2 with CFG)
+    attention: str | None = None              # attention backend while sampling (None: the model's own); see 12_models_attention
+    token_downsampling: int = 1               # ToDo: pool keys/values of high-res self-attention this much per side (1 = off)
+    token_downsampling_method: str = 'avg'    # 'avg' or 'nearest'
+    token_downsampling_min_tokens: int = 4097 # only layers with more tokens (4097: 1024² keeps exact attention)
 
     def __post_init__(self):
         def bad(name, want): raise ValueError(f"SamplerConfig.{name}={getattr(self, name)!r}: {want}")
@@ -56,6 +61,10 @@ class SamplerConfig:
         check_sigma_max(self.sigma_max, 'SamplerConfig.sigma_max')
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63): bad('seed', 'must be None or an integer in [0, 2**63)')
         if not _is_int(self.batch_size) or self.batch_size < 1: bad('batch_size', 'must be a positive integer')
+        if self.attention is not None: check_choice(self.attention, ATTENTION_BACKENDS, 'SamplerConfig.attention')
+        if not _is_int(self.token_downsampling) or not 1 <= self.token_downsampling <= 8: bad('token_downsampling', 'must be an integer in [1, 8] (1 = off)')
+        check_choice(self.token_downsampling_method, TOKEN_DOWNSAMPLING_METHODS, 'SamplerConfig.token_downsampling_method')
+        if not _is_int(self.token_downsampling_min_tokens) or self.token_downsampling_min_tokens < 0: bad('token_downsampling_min_tokens', 'must be an integer >= 0')
 
     def replace(self, **changes) -> 'SamplerConfig':
         "A copy with `changes` (validated)."

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..policies import check_prediction_for_schedule, diffusers_prediction_type, normalize_prediction
+from ..policies import SPACINGS, check_choice, check_prediction_for_schedule, diffusers_prediction_type, normalize_prediction
 from .sdxl import SDXLComponents
 
 # %% auto #0
@@ -26,8 +26,10 @@ __all__ = ['logger', 'UNET_RESNET', 'VAE_RESNET', 'VAE_ATTN', 'OPENCLIP_LAYER', 
            'vae_structure_original', 'map_module_keys', 'unet_to_original', 'unet_from_original', 'vae_to_original',
            'vae_from_original', 'clip_l_to_original', 'clip_l_from_original', 'openclip_to_original',
            'openclip_from_original', 'diffusers_to_sdxl_keys', 'split_sdxl_keys', 'sdxl_to_diffusers_keys', 'as_dtype',
-           'modelspec_metadata', 'save_single_file', 'scheduler_for', 'save_diffusers', 'CheckpointError',
-           'read_safetensors_header', 'read_state_dict', 'detect_architecture', 'LoadReport', 'load_sdxl']
+           'modelspec_metadata', 'NonFiniteWeightsError', 'finite_flag', 'all_finite', 'nonfinite_keys', 'check_finite',
+           'current_umask', 'normal_file_mode', 'save_single_file', 'scheduler_for', 'save_diffusers',
+           'CheckpointError', 'read_safetensors_header', 'read_state_dict', 'detect_architecture', 'LoadReport',
+           'load_sdxl']
 
 # %% ../../nbs/13_models_checkpoint.ipynb #fdef44e6
 logger = logging.getLogger(__name__)
@@ -307,6 +309,43 @@ def modelspec_metadata(prediction='v', ztsnr=True, title='ztsnr_nb SDXL', resolu
         md[k if '.' in k else f'ztsnr_nb.{k}'] = v if isinstance(v, str) else json.dumps(v, default=str)
     return md
 
+# %% ../../nbs/13_models_checkpoint.ipynb #4276da51
+class NonFiniteWeightsError(RuntimeError):
+    "Weights (or optimizer/EMA state) holding NaN or inf: they are never written, exported or resumed."
+
+def _group_norms(g: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
+    "Norms of same-device, same-dtype tensors in one fused call (fp16 sums in fp32); a per-tensor loop where unsupported."
+    try: return torch._foreach_norm(g, ord, dtype=torch.float32) if g[0].dtype == torch.float16 else torch._foreach_norm(g, ord)
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+        return [torch.linalg.vector_norm(t if t.dtype == torch.float64 else t.float(), ord) for t in g]
+
+def finite_flag(tensors, exact: bool = False) -> torch.Tensor:
+    "0-dim bool tensor: every floating tensor has a finite L2 norm (`exact`: a finite max |w|). One fused norm per (device, dtype)."
+    groups: dict = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not t.is_meta:
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    ord = float('inf') if exact else 2.0
+    flags = [torch.isfinite(torch.stack(_group_norms(g, ord))).all() for g in groups.values()]
+    if not flags: return torch.tensor(True)
+    return flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).all()
+
+def all_finite(tensors) -> bool:
+    "Whether every floating tensor in `tensors` is finite: the L2 screen (one host sync), confirmed by max |w| if it fails."
+    tensors = list(tensors)
+    return bool(finite_flag(tensors)) or bool(finite_flag(tensors, exact=True))
+
+def nonfinite_keys(named: dict) -> list[str]:
+    "Names of the floating tensors of `named` that hold NaN or inf."
+    return [k for k, t in named.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite([t])]
+
+def check_finite(named: dict, what: str) -> None:
+    "NonFiniteWeightsError naming `what` and the first bad tensors unless every floating tensor of `named` is finite."
+    if all_finite(named.values()): return
+    bad = nonfinite_keys(named)
+    raise NonFiniteWeightsError(f"{what}: {len(bad)} of {len(named)} tensors hold NaN or inf (first: {', '.join(bad[:3])}); "
+                                "refusing to write diverged weights: lower the learning rate, or use a checkpoint from before it diverged")
+
 # %% ../../nbs/13_models_checkpoint.ipynb #845caca8
 def _component(components, name):
     c = components.get(name) if isinstance(components, dict) else getattr(components, name, None)
@@ -317,12 +356,27 @@ def _component(components, name):
 def _state_dict(c) -> dict:
     return c.state_dict() if isinstance(c, torch.nn.Module) else dict(c)
 
+def current_umask() -> int:
+    "The process umask (read from /proc where it can be, so no other thread ever sees a changed umask)."
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
+
+def normal_file_mode(path) -> Path:
+    "Give `path` the mode a plain `open(path, 'w')` would (0o666 minus the umask): safetensors writes files 0600."
+    os.chmod(path, 0o666 & ~current_umask())
+    return Path(path)
+
 def _atomic_write(path: Path, write) -> Path:
-    "Call `write(tmp)` then fsync and `os.replace(tmp, path)`; the temp file is removed on any failure."
+    "Call `write(tmp)`, give it the umask's mode, fsync and `os.replace(tmp, path)`; the temp file is removed on any failure."
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         write(tmp)
+        normal_file_mode(tmp)
         with open(tmp, 'rb') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -344,6 +398,7 @@ def save_single_file(path, components, prediction='v', ztsnr=True, metadata: dic
     sd = diffusers_to_sdxl_keys(*sds)
     meta_keys = [k for k, v in sd.items() if v.is_meta]
     if meta_keys: raise ValueError(f"{len(meta_keys)} tensors are on the meta device (no data), e.g. {meta_keys[0]}: load real weights before saving")
+    check_finite(sd, str(path))
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
     if p == 'v': sd['v_pred'] = torch.tensor([])
     if ztsnr: sd['ztsnr'] = torch.tensor([])
@@ -353,18 +408,19 @@ def save_single_file(path, components, prediction='v', ztsnr=True, metadata: dic
     return _atomic_write(path, lambda tmp: _write_safetensors(sd, tmp, md))
 
 # %% ../../nbs/13_models_checkpoint.ipynb #5bbebe74
-def scheduler_for(scheduler, prediction='v', ztsnr=True):
-    "A copy of `scheduler` (or SDXL's Euler schedule when None) set to `prediction`, ZTSNR rescale and trailing spacing."
+def scheduler_for(scheduler, prediction='v', ztsnr=True, spacing: str | None = None):
+    "A copy of `scheduler` (or SDXL's Euler schedule) set to `prediction`, ZTSNR rescale and `spacing` (default: trailing with ZTSNR)."
     from diffusers import EulerDiscreteScheduler
     p = check_prediction_for_schedule(prediction, ztsnr)
     base = scheduler.config if scheduler is not None else dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
                                                                num_train_timesteps=1000, steps_offset=1, timestep_spacing='leading')
     cls = type(scheduler) if scheduler is not None else EulerDiscreteScheduler
     kw = dict(prediction_type=diffusers_prediction_type(p), rescale_betas_zero_snr=bool(ztsnr))
-    if ztsnr: kw['timestep_spacing'] = 'trailing'
+    if spacing is not None: kw['timestep_spacing'] = check_choice(spacing, SPACINGS, 'spacing', "'trailing' for ZTSNR models")
+    elif ztsnr: kw['timestep_spacing'] = 'trailing'
     return cls.from_config(base, **kw)
 
-def save_diffusers(folder, components, prediction='v', ztsnr=True, dtype=None) -> Path:
+def save_diffusers(folder, components, prediction='v', ztsnr=True, dtype=None, spacing: str | None = None) -> Path:
     "Write a diffusers folder (safetensors) whose scheduler config records `prediction` and ZTSNR; swapped in atomically."
     import shutil
     from diffusers import StableDiffusionXLPipeline
@@ -373,13 +429,16 @@ def save_diffusers(folder, components, prediction='v', ztsnr=True, dtype=None) -
     if not folder.parent.is_dir(): raise ValueError(f"folder={str(folder)!r}: parent {str(folder.parent)!r} does not exist; create it first")
     names = ('unet', 'vae', 'text_encoder', 'text_encoder_2', 'tokenizer', 'tokenizer_2')
     comps = {n: _component(components, n) for n in names}
+    for n in names[:4]: check_finite(_state_dict(comps[n]), f"{folder}/{n}")
     sched = components.get('scheduler') if isinstance(components, dict) else getattr(components, 'scheduler', None)
-    pipe = StableDiffusionXLPipeline(**comps, scheduler=scheduler_for(sched, p, ztsnr))
+    pipe = StableDiffusionXLPipeline(**comps, scheduler=scheduler_for(sched, p, ztsnr, spacing))
     if dtype is not None: pipe.to(dtype=as_dtype(dtype))
     tmp, old = folder.with_name(f'.{folder.name}.{os.getpid()}.tmp'), folder.with_name(f'.{folder.name}.{os.getpid()}.old')
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for f in tmp.rglob('*'):
+            if f.is_file(): normal_file_mode(f)
         if folder.exists(): os.replace(folder, old)
         os.replace(tmp, folder)
     except BaseException:
@@ -590,7 +649,7 @@ def load_sdxl(path, config_folder=None, prediction=None, allow_pickle: bool = Fa
     "Load SDXL from a diffusers folder or a single file (+ local `config_folder`); returns (SDXLComponents, LoadReport)."
     path, dtype = Path(path), as_dtype(dtype)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-    if path.is_dir(): return _load_diffusers(path, prediction, dtype, ztsnr)
+    if path.is_dir(): return _load_diffusers(path, prediction, dtype, ztsnr, allow_pickle)
     sd, metadata, fmt, dt = read_state_dict(path, allow_pickle)
     arch = detect_architecture(sd.keys(), path)
     markers = [k for k in MARKERS if k in sd] + [f"{k}={metadata[k]}" for k in ('modelspec.prediction_type',) if k in metadata]
@@ -622,15 +681,25 @@ def _check_diffusers_folder(folder: Path):
         raise CheckpointError(f"{folder}: unet/config.json has addition_embed_type={ucfg.get('addition_embed_type')!r}, "
                               f"not SDXL's 'text_time'; ztsnr_nb loads SDXL")
 
-def _load_diffusers(folder: Path, prediction, dtype, ztsnr):
+def _check_safetensors_weights(folder: Path, allow_pickle: bool) -> None:
+    "CheckpointError naming the first component of a diffusers folder whose weights are only pickles (unless allowed)."
+    if allow_pickle: return
+    for n in ('unet', 'vae', 'text_encoder', 'text_encoder_2'):
+        if not any((folder / n).glob('*.safetensors')):
+            pk = sorted(p.name for p in (folder / n).iterdir() if p.suffix in PICKLE_SUFFIXES)
+            raise CheckpointError(f"{folder / n}: no .safetensors weights{f' (only the pickle {pk[0]})' if pk else ''}; pickles can "
+                                  "run code when loaded: convert the folder to safetensors, or pass allow_pickle=True if you trust it")
+
+def _load_diffusers(folder: Path, prediction, dtype, ztsnr, allow_pickle: bool = False):
     "Load the components of a diffusers SDXL folder; the scheduler config supplies prediction type and ZTSNR."
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    _check_diffusers_folder(folder)
-    comps = dict(unet=UNet2DConditionModel.from_pretrained(folder / 'unet', local_files_only=True, torch_dtype=dtype),
-                 vae=AutoencoderKL.from_pretrained(folder / 'vae', local_files_only=True, torch_dtype=dtype),
-                 text_encoder=CLIPTextModel.from_pretrained(folder / 'text_encoder', local_files_only=True),
-                 text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / 'text_encoder_2', local_files_only=True))
+    _check_diffusers_folder(folder); _check_safetensors_weights(folder, allow_pickle)
+    kw = dict(local_files_only=True, use_safetensors=None if allow_pickle else True)   # None: safetensors first, pickles if allowed
+    comps = dict(unet=UNet2DConditionModel.from_pretrained(folder / 'unet', torch_dtype=dtype, **kw),
+                 vae=AutoencoderKL.from_pretrained(folder / 'vae', torch_dtype=dtype, **kw),
+                 text_encoder=CLIPTextModel.from_pretrained(folder / 'text_encoder', **kw),
+                 text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / 'text_encoder_2', **kw))
     dtypes = Counter(_ST_DTYPES.get(t['dtype'], t['dtype']) for n in ('unet', 'vae', 'text_encoder', 'text_encoder_2')
                      for w in sorted((folder / n).glob('*.safetensors')) for t in read_safetensors_header(w)[0].values())
     n = sum(len(m.state_dict()) for m in comps.values())

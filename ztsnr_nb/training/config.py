@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +18,18 @@ from pathlib import Path
 if sys.version_info >= (3, 11): import tomllib
 else: import tomli as tomllib
 
-from ..policies import (ATTENTION_BACKENDS, LOSS_WEIGHTINGS, SAMPLERS, SPACINGS, check_choice,
-                               check_prediction_for_schedule, check_sigma_max, check_timestep_dist,
-                               normalize_prediction, resolve_terminal_sigma, resolve_terminal_weight)
+from ..policies import (ADAPTIVE_OPTIMIZER_PACKAGES, ATTENTION_BACKENDS, COMPILE_MODES, HUB_REPO_ID, LORA_INITS,
+                               LORA_KINDS, LORA_TE_GROUPS, LORA_UNET_GROUPS, LOSS_WEIGHTINGS, POSTHOC_SIGMA_REL_MAX,
+                               SAMPLERS, SPACINGS, TAG_CATEGORIES, TAG_COMBINE, TAG_CURVES, TAG_STEP_TABLE, check_choice, check_prediction_for_schedule, check_sigma_max,
+                               check_step_table, check_timestep_dist, normalize_prediction, resolve_terminal_sigma,
+                               resolve_terminal_weight)
 
 # %% auto #0
 __all__ = ['LR_SCHEDULERS', 'RENAMED', 'EXAMPLE_HEADER', 'ConfigError', 'integer', 'number', 'boolean', 'text', 'one_of',
            'optional', 'list_of', 'policy', 'opt', 'sub', 'Section', 'ModelConfig', 'DataConfig', 'OptimConfig',
-           'LossConfig', 'EMAConfig', 'CheckpointConfig', 'ValidationConfig', 'SamplerSettings', 'LogConfig',
-           'TrainConfig', 'config_from_dict', 'load_toml', 'parse_override', 'apply_overrides', 'set_key', 'to_toml',
-           'example_config']
+           'LossConfig', 'EMAConfig', 'CheckpointConfig', 'ValidationConfig', 'SamplerSettings', 'LogConfig', 'rule',
+           'TagsConfig', 'LoraSettings', 'DeviceConfig', 'HubConfig', 'TrainConfig', 'config_from_dict', 'load_toml',
+           'parse_override', 'apply_overrides', 'set_key', 'to_toml', 'example_config']
 
 # %% ../../nbs/40_training_config.ipynb #aadadaf4
 class ConfigError(ValueError):
@@ -146,6 +149,14 @@ def _trainable_prediction(v) -> str:
     if p == 'sample': raise ValueError("x0 ('sample') prediction is not supported for training: use 'v' or 'epsilon'")
     return p
 
+def _resolution_schedule(v):
+    "Check: [[step, max_area], ...] with steps >= 1 strictly increasing and areas >= 64², kept as lists for TOML."
+    want = 'must be a list of [step, max_area] pairs with steps >= 1 increasing, e.g. [[2000, 1048576]]'
+    ok = isinstance(v, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in r) and r[0] >= 1 and r[1] >= 64 * 64 for r in v)
+    if not ok or any(a[0] >= b[0] for a, b in zip(v, v[1:])): raise ValueError(want)
+    return [list(r) for r in v]
+
 LR_SCHEDULERS = ('linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup', 'piecewise_constant')
 
 @dataclass
@@ -158,7 +169,12 @@ class ModelConfig(Section):
     tiny_seed: int = opt(0, integer(0), 'seed of the tiny model')
     prediction: str = opt('v', _trainable_prediction, "what the UNet predicts: 'v' (needed for ZTSNR) or 'epsilon'; the loss follows it")
     ztsnr: bool = opt(True, boolean, 'zero terminal SNR rescale of the noise schedule (Lin et al. 2024)')
-    attention: str = opt('sdpa', one_of(*ATTENTION_BACKENDS), 'attention backend (xformers: CUDA only)')
+    attention: str = opt('sdpa', one_of(*ATTENTION_BACKENDS), 'attention backend (xformers, flash_attn, sdpa_*: CUDA only)')
+    token_downsampling: int = opt(1, integer(1, 8), 'ToDo in training: high-res self-attention attends to K/V pooled this much per side (1 = off)')
+    token_downsampling_method: str = opt('avg', one_of('avg', 'nearest'), 'how keys/values are pooled: avg | nearest')
+    token_downsampling_max_depth: int = opt(1, integer(0), 'UNet levels 0..this (0 = highest resolution) downsample')
+    token_downsampling_min_tokens: int = opt(0, integer(0), 'only layers with at least this many tokens downsample')
+    head_pruning: str | None = opt(None, optional(text), 'head_pruning.json (or its folder) from save_head_pruning: pruned before training')
     gradient_checkpointing: bool = opt(False, boolean, 'recompute activations in backward: less memory, ~30% slower')
     train_text_encoder: bool = opt(False, boolean, 'also train both text encoders (disables the text-embedding cache)')
 
@@ -181,13 +197,19 @@ class DataConfig(Section):
     tag_dropout: float = opt(0.0, number(0, 1), 'probability of dropping each tag (after keep_first_tags)')
     caption_dropout: float = opt(0.05, number(0, 1), 'probability of an empty caption: trains the unconditional model CFG needs')
     val_items: int = opt(0, integer(0), 'images held out for the validation loss')
+    auto_micro_batch: bool = opt(True, boolean, 'on CUDA out-of-memory: halve the micro-batch, double accumulation (same samples), retry')
+    min_micro_batch: int = opt(1, integer(1), 'smallest micro-batch auto_micro_batch may go down to')
+    find_batch_size: bool = opt(False, boolean, 'before training, probe the largest micro-batch that fits, per bucket (bisection)')
+    resolution_schedule: list = opt([], _resolution_schedule, 'progressive training: [[step, max_area], ...]; from step on, buckets of max_area')
+    masked_loss: bool = opt(False, boolean, "per-pixel loss mask from the image's alpha channel or a sidecar IMAGE.mask.png (ones where there is none)")
 
 # %% ../../nbs/40_training_config.ipynb #cd2e26f8
 @dataclass
 class OptimConfig(Section):
     "Optimizer and learning-rate schedule."
     SECTION = 'optim'
-    optimizer: str = opt('adamw', one_of('adamw', 'adamw8bit', 'adafactor'), 'adamw | adamw8bit (bitsandbytes, CUDA) | adafactor')
+    optimizer: str = opt('adamw', one_of('adamw', 'adamw8bit', 'adafactor', *ADAPTIVE_OPTIMIZER_PACKAGES),
+                         'adamw | adamw8bit (bitsandbytes, CUDA) | adafactor | prodigy (lr = 1.0) | schedulefree_adamw')
     lr: float = opt(1e-5, number(0, lo_open=True), 'learning rate of the UNet')
     text_encoder_lr: float | None = opt(None, optional(number(0, lo_open=True)), 'learning rate of the text encoders (default: lr)')
     weight_decay: float = opt(1e-2, number(0), 'decoupled weight decay')
@@ -206,12 +228,19 @@ class OptimConfig(Section):
 class LossConfig(Section):
     "How the diffusion loss is weighted and sampled (the prediction type is the model's)."
     SECTION = 'loss'
-    weighting: str = opt('min_snr', one_of(*LOSS_WEIGHTINGS), 'weight of each timestep\'s error: min_snr | debiased | none')
+    weighting: str = opt('min_snr', one_of(*LOSS_WEIGHTINGS), 'weight of each timestep\'s error: min_snr | min_snr_floor | debiased | none')
     gamma: float = opt(5.0, number(0, lo_open=True), 'MinSNR gamma (Hang et al. 2023 use 5)')
+    floor: float = opt(1.0, number(0), 'min_snr_floor: x0-weight added to MinSNR, so high-noise steps keep weight ~floor')
     terminal_weight: str | float = opt('one', policy(resolve_terminal_weight),
                                        "weight at SNR = 0: 'one' (trains the mean colour), 'zero' (diffusers/kohya) or a number")
     noise_offset: float = opt(0.0, number(0), 'std of a per-channel constant added to the noise (not needed with ZTSNR)')
     timestep_dist: str = opt('uniform', policy(check_timestep_dist), 'distribution of training timesteps: uniform | logit_normal | high_noise')
+
+def _sigma_rels(v):
+    "Check: a non-empty list of distinct sigma_rel in (0, max) (distinct in 4 decimals: they name the snapshot files)."
+    out = list_of(number(0, POSTHOC_SIGMA_REL_MAX, lo_open=True, hi_open=True), nonempty=True)(v)
+    if len({f'{x:.4f}' for x in out}) != len(out): raise ValueError('values must differ in their first 4 decimals')
+    return out
 
 @dataclass
 class EMAConfig(Section):
@@ -222,6 +251,11 @@ class EMAConfig(Section):
     power: float = opt(2 / 3, number(0, lo_open=True), 'warm-up power: decay = 1 - (1 + step)^-power')
     interval: int = opt(1, integer(1), 'update the EMA every N optimizer steps')
     cpu: bool = opt(False, boolean, 'keep the EMA copy in CPU memory')
+    posthoc: bool = opt(False, boolean, 'also keep power-function EMAs (EDM2) with snapshots, to reconstruct any EMA length later')
+    posthoc_sigma_rels: list = opt([0.05, 0.10], _sigma_rels, 'relative widths sigma_rel of the tracked profiles (EDM2: 0.05, 0.10)')
+    posthoc_every: int = opt(1000, integer(1), 'EMA updates (optimizer steps) between snapshots in <output_dir>/posthoc_ema')
+    posthoc_dtype: str = opt('fp16', one_of('fp32', 'fp16', 'bf16'), 'dtype of the snapshots on disk')
+    posthoc_cpu: bool = opt(True, boolean, 'keep the power-function EMAs in CPU memory')
 
 @dataclass
 class CheckpointConfig(Section):
@@ -234,6 +268,9 @@ class CheckpointConfig(Section):
     export: bool = opt(True, boolean, 'write a diffusers folder + single file with v_pred/ztsnr markers at the end')
     export_ema: bool = opt(True, boolean, 'export the EMA weights (when EMA is on)')
     max_nonfinite_in_row: int = opt(10, integer(1), 'stop after this many non-finite losses in a row')
+    emergency: bool = opt(True, boolean, 'an unhandled error mid-run writes a checkpoint of the last completed step, then re-raises')
+    export_delta: bool = opt(False, boolean, 'full fine-tune: also export delta.safetensors, trained minus base, changed tensors only')
+    hash_base: bool = opt(True, boolean, "hash the base model's weights at start: metadata, and resume checks frozen parts are unchanged")
 
 # %% ../../nbs/40_training_config.ipynb #a4724f3d
 @dataclass
@@ -241,8 +278,10 @@ class ValidationConfig(Section):
     "What validation samples and measures, and how often."
     SECTION = 'validation'
     every: int = opt(0, integer(0), 'optimizer steps between validations (0 = only at the end)')
-    prompts: list = opt(['solid_color, black_background, dark', 'solid_color, white_background, bright'],
-                        list_of(text, nonempty=True), 'prompts of the sample grid')
+    prompts: list = opt(['solid_color, no_shapes, black_background, simple_background, monochrome, greyscale, dark',
+                         'solid_color, no_shapes, white_background, simple_background, monochrome, greyscale, bright'],
+                        list_of(text, nonempty=True), 'prompts of the sample grid (default: the synthetic data\'s solid captions)')
+    seeds: int = opt(4, integer(1, 64), 'samples per prompt (seeds seed, seed+1, ...); brightness is averaged over them')
     negative_prompt: str = opt('', text, "negative prompt ('' = zero conditioning, as caption dropout trains)")
     seed: int = opt(0, integer(0), 'seed of the first sample (the grid is the same at every validation)')
     width: int = opt(1024, integer(8, 16384, multiple_of=8), 'sample width in pixels')
@@ -261,6 +300,9 @@ class SamplerSettings(Section):
     steps: int = opt(20, integer(1, 1000), 'sampling steps')
     cfg_scale: float = opt(5.0, number(0), 'classifier-free guidance scale (1 = off)')
     cfg_rescale: float = opt(0.7, number(0, 1), 'CFG rescale phi (Lin et al. Eq. 16; 0 = off)')
+    token_downsampling: int = opt(1, integer(1, 8), 'ToDo while sampling: pool K/V of high-res self-attention this much per side (1 = off)')
+    token_downsampling_method: str = opt('avg', one_of('avg', 'nearest'), 'how keys/values are pooled while sampling: avg | nearest')
+    token_downsampling_min_tokens: int = opt(4097, integer(0), 'only layers with more tokens (4097: 1024² keeps exact attention)')
 
     def sampler_config(self, prediction: str, ztsnr: bool, **changes):
         "The inference `SamplerConfig` for a model trained with `prediction` and `ztsnr`."
@@ -277,19 +319,191 @@ class LogConfig(Section):
     project: str = opt('ztsnr_nb', text, 'tracker project name')
     progress: bool = opt(True, boolean, 'progress bars (quiet when not a terminal)')
 
+# %% ../../nbs/40_training_config.ipynb #3c4c2223
+def rule(ok, what: str):
+    "Check: `ok(value)` must hold, else ValueError saying `what` the value must be."
+    def check(v):
+        try: good = bool(ok(v))
+        except (TypeError, ValueError): good = False
+        if not good: raise ValueError(what)
+        return v
+    return check
+
+def _step_table(v):
+    "Check: a valid tag step table (see `check_step_table`), kept as lists for TOML."
+    try: return [list(r) for r in check_step_table(v, 'step_table')]
+    except ValueError as e: raise ValueError(str(e).split(': ', 1)[-1]) from None
+
+def _multipliers(v):
+    ok = isinstance(v, dict) and all(k in TAG_CATEGORIES and _is_number(x) and math.isfinite(x) and x > 0 for k, x in v.items())
+    if not ok: raise ValueError(f'must map categories ({", ".join(TAG_CATEGORIES)}) to numbers > 0, e.g. {{artist = 1.2}}')
+    return dict(v)
+
+# %% ../../nbs/40_training_config.ipynb #b869d4fd
+@dataclass
+class TagsConfig(Section):
+    "Tag-frequency loss weights, implied pairs, synonyms, tag dropout and live weight updates (24_data_tags); off by default."
+    SECTION = 'tags'
+    enabled: bool = opt(False, boolean, 'per-sample tag weights on the loss')
+    curve: str = opt('power', one_of(*TAG_CURVES), 'count -> weight curve: step | inverse_log | power | none')
+    step_table: list = opt([list(r) for r in TAG_STEP_TABLE], _step_table, '[[min_count, weight], ...] of the step curve, counts decreasing to 0')
+    alpha: float = opt(0.5, number(0, 4), 'power curve exponent: w = (count / median)^-alpha')
+    combine: str = opt('mean', one_of(*TAG_COMBINE), "a sample's weight from its tags' weights: mean | geomean | max")
+    w_min: float = opt(0.5, number(0, 1, lo_open=True), 'per-sample weights clamped to [w_min, w_max], then renormalised to mean 1')
+    w_max: float = opt(2.0, number(1), 'upper clamp of the per-sample weights')
+    category_multipliers: dict = field(default_factory=dict, metadata={'check': _multipliers, 'mapping': True,
+                                                                       'doc': 'per-category multipliers, e.g. {artist = 1.2}'})
+    tag_table: str | None = opt(None, optional(text), 'danbooru-layout CSV (name,category,count[,aliases]) for categories and aliases')
+    table_strict: bool = opt(True, boolean, 'a bad tag-table row is an error (false: skipped and logged)')
+    underscores: bool = opt(True, boolean, 'canonical spelling long_hair (false: long hair)')
+    implied: bool = opt(True, boolean, 'leave tags implied by another tag of the caption out of its weight')
+    implied_threshold: float = opt(0.95, number(0.5, 1, lo_open=True), 'a implies b when P(b | a) >= this')
+    implied_min_count: int = opt(5, integer(1), '... and a is on at least this many captions')
+    implied_min_lift: float = opt(2.0, number(1), '... and P(b | a) / P(b) >= this')
+    synonyms: bool = opt(False, boolean, "CLIP-embedding near-synonyms share an effective count (uses the model's text encoders)")
+    synonym_threshold: float = opt(0.9, number(0, 1, lo_open=True, hi_open=True), 'cosine similarity of near-synonyms')
+    synonym_max_tags: int = opt(5000, integer(2), 'most frequent tags embedded')
+    dropout: float = opt(0.0, number(0, 1, hi_open=True), 'drop probability of the most common tags (0 = off); rare tags never')
+    dropout_rare_below: int = opt(10, integer(1), 'tags on fewer captions are never dropped')
+    dropout_common_fraction: float = opt(0.25, number(0, 1, lo_open=True), 'tags on at least this fraction of captions get the full dropout')
+    keep_first: int = opt(1, integer(0), 'leading tags never dropped')
+    live: bool = opt(False, boolean, 'move tag weights from an EMA of per-tag training loss')
+    live_every: int = opt(100, integer(1), 'steps between live updates (and cross-process reductions)')
+    live_ema: float = opt(0.9, number(0, 1, hi_open=True), 'EMA decay of the per-tag loss, per update')
+    live_rate: float = opt(0.1, number(0, 1, lo_open=True), 'step towards the target multiplier per update')
+    live_strength: float = opt(1.0, number(0, 4), 'target multiplier = (tag loss / mean loss)^strength')
+    live_min: float = opt(0.5, number(0, 1, lo_open=True), 'lower bound of a live multiplier')
+    live_max: float = opt(2.0, number(1), 'upper bound of a live multiplier')
+    live_min_obs: int = opt(8, integer(1), "samples seen before a tag's multiplier moves")
+    max_tags: int = opt(128, integer(2), 'tags per caption used for co-occurrence')
+    max_pairs: int = opt(4_000_000, integer(1000), 'distinct tail pairs kept in memory (lossy counting beyond)')
+    cache_dir: str | None = opt(None, optional(text), 'tag statistics/embedding cache (default: <data.cache_dir>/tags)')
+
+    def weight_settings(self) -> dict:
+        "The settings item weights depend on (for fingerprints)."
+        keys = ('curve', 'step_table', 'alpha', 'combine', 'w_min', 'w_max', 'category_multipliers', 'implied',
+                'implied_threshold', 'implied_min_count', 'implied_min_lift', 'synonyms', 'synonym_threshold', 'synonym_max_tags')
+        return {k: getattr(self, k) for k in keys}
+
+# %% ../../nbs/40_training_config.ipynb #f30ef9b3
+_LORA_ALL_INITS = tuple(sorted({i for v in LORA_INITS.values() for i in v}))
+
+@dataclass
+class LoraSettings(Section):
+    "Low-rank adapters (LoRA / LoKr / LoHa, via peft) trained instead of the full weights; see 14_models_lora."
+    SECTION = 'lora'
+    enabled: bool = opt(False, boolean, 'train adapters instead of the full UNet (every base weight stays frozen)')
+    kind: str = opt('lora', one_of(*LORA_KINDS), 'lora | lokr | loha')
+    rank: int = opt(16, integer(1, 4096), 'adapter rank r')
+    alpha: float = opt(16.0, number(0, lo_open=True), 'scale alpha: the update carries alpha / rank (alpha = rank: scale 1)')
+    dropout: float = opt(0.0, number(0, 1, hi_open=True), 'LoRA: dropout on the adapter input; LoKr/LoHa: rank dropout')
+    module_dropout: float = opt(0.0, number(0, 1, hi_open=True), 'LoKr/LoHa only: probability of skipping a whole adapter for a step')
+    init: str = opt('default', one_of(*_LORA_ALL_INITS), "'default' (update 0 at the start) | 'gaussian' (LoRA) | 'lycoris' (LoKr)")
+    unet_targets: list = opt(['attn', 'ff', 'proj'], list_of(one_of(*LORA_UNET_GROUPS)), 'UNet module groups: ' + ', '.join(LORA_UNET_GROUPS))
+    text_encoder_targets: list = opt([], list_of(one_of(*LORA_TE_GROUPS)), 'groups of both text encoders (attn, mlp); the text is then encoded live')
+    conv_rank: int | None = opt(None, optional(integer(1, 4096)), "rank of the 'conv' group (default: rank)")
+    conv_alpha: float | None = opt(None, optional(number(0, lo_open=True)), "alpha of the 'conv' group (default: alpha)")
+    rslora: bool = opt(False, boolean, 'LoRA: scale alpha / sqrt(rank) (rank-stabilised LoRA)')
+    decompose_both: bool = opt(False, boolean, 'LoKr: factor W1 low-rank too')
+    decompose_factor: int = opt(-1, rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1),
+                                          'must be -1 (as square as possible) or an integer >= 1'), 'LoKr: Kronecker factor')
+    effective_conv2d: bool = opt(False, boolean, 'LoKr/LoHa: Tucker decomposition of k x k convolutions')
+    extra_unet_modules: str | None = opt(None, optional(text), 'a regex of further UNet module names to adapt')
+    export_diffusers: bool = opt(True, boolean, 'export pytorch_lora_weights.safetensors (diffusers load_lora_weights; kind lora only)')
+    export_kohya: bool = opt(True, boolean, 'export lora.safetensors in kohya naming (ComfyUI LoraLoader, A1111)')
+    export_merged: bool = opt(False, boolean, 'also export merged.safetensors: the base with the adapters merged in (single file)')
+    export_dtype: str = opt('fp16', one_of('fp32', 'fp16', 'bf16'), 'dtype of the exported adapter factors and merged weights')
+
+    EXPORT_KEYS = ('enabled', 'export_diffusers', 'export_kohya', 'export_merged', 'export_dtype')
+    def spec_dict(self) -> dict:
+        "The fields of models.lora's LoraSpec (everything but `enabled` and the export keys)."
+        return {k: v for k, v in self.to_dict().items() if k not in self.EXPORT_KEYS}
+
+@dataclass
+class DeviceConfig(Section):
+    "CUDA speed and memory switches (44_training_device's DeviceSettings); each reports whether it applied and why."
+    SECTION = 'device'
+    tf32: bool = opt(True, boolean, 'TF32 tensor-core matmuls/convs for fp32 work (Ampere and newer)')
+    cudnn_benchmark: bool = opt(True, boolean, 'cuDNN autotunes conv algorithms per input shape')
+    channels_last: bool = opt(False, boolean, "NHWC memory format for the UNet's convolutions (CUDA only)")
+    compile: bool = opt(False, boolean, 'torch.compile the UNet (compiles at the first step of each bucket shape)')
+    compile_mode: str = opt('default', one_of(*COMPILE_MODES), 'torch.compile mode (inductor)')
+    compile_backend: str = opt('inductor', rule(lambda v: isinstance(v, str) and v, 'must be a torch.compile backend name'), 'torch.compile backend')
+    expandable_segments: bool = opt(True, boolean, 'PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts (less fragmentation)')
+    empty_cache: bool = opt(True, boolean, 'release cached CUDA blocks between phases (caching, training, validation)')
+    offload_frozen: bool = opt(True, boolean, 'move the VAE and frozen text encoders to the CPU when the caches make them idle')
+
+# %% ../../nbs/40_training_config.ipynb #45a109e6
+def _hub_id(v):
+    "Check: a Hub repo id 'user/name'."
+    if not (isinstance(v, str) and re.match(HUB_REPO_ID, v) and '..' not in v and not v.endswith('.git')):
+        raise ValueError("must be a Hub repo id 'user/name' (letters, digits, '-', '_', '.')")
+    return v
+
+@dataclass
+class HubConfig(Section):
+    "The model card and the Hugging Face Hub push at the end of training (15_hub)."
+    SECTION = 'hub'
+    card: bool = opt(True, boolean, 'write export/README.md, a model card telling users how to sample v-pred + ZTSNR')
+    push: bool = opt(False, boolean, 'upload the export at the end of training (token: HF_TOKEN or `hf auth login`)')
+    repo: str | None = opt(None, optional(_hub_id), "Hub repo id 'user/name' to push to")
+    private: bool = opt(True, boolean, 'create the repo private')
+    base_model: str | None = opt(None, optional(_hub_id), "Hub id of the model fine-tuned, for the card's metadata")
+    license: str = opt('openrail++', rule(lambda v: isinstance(v, str) and v.strip() and '\n' not in v, 'must be a Hub license id'), 'license id for the card')
+    tags: list = opt([], list_of(text), 'extra card tags')
+
+# %% ../../nbs/40_training_config.ipynb #cd5a2b15
+def _lora_rules(c) -> None:
+    "Rules of [lora] (the same ones LoraSpec applies, without importing torch) and its neighbours."
+    lo = c.lora
+    if not lo.enabled: return
+    if lo.init not in LORA_INITS[lo.kind]: raise ConfigError(f"lora.init = {lo.init!r} with lora.kind = {lo.kind!r}: use one of {list(LORA_INITS[lo.kind])}")
+    if lo.kind == 'lora' and lo.module_dropout: raise ConfigError("lora.module_dropout exists for kind 'lokr'/'loha' only; use lora.dropout for LoRA")
+    if not lo.unet_targets and not lo.text_encoder_targets: raise ConfigError("lora.unet_targets and lora.text_encoder_targets are both empty: nothing to adapt")
+    if (lo.conv_rank or lo.conv_alpha) and 'conv' not in lo.unet_targets: raise ConfigError("lora.conv_rank / lora.conv_alpha need 'conv' in lora.unet_targets")
+    if lo.export_diffusers and lo.kind != 'lora':
+        raise ConfigError(f"lora.export_diffusers = true with lora.kind = {lo.kind!r}: diffusers' load_lora_weights reads LoRA only; "
+                          "set lora.export_diffusers = false (the kohya file carries LoKr/LoHa for ComfyUI/A1111)")
+    if c.model.train_text_encoder:
+        raise ConfigError("model.train_text_encoder = true with lora.enabled: the text encoders would train in full; "
+                          "use lora.text_encoder_targets = ['attn', 'mlp'] for text-encoder adapters")
+    if c.checkpoint.export_delta: raise ConfigError("checkpoint.export_delta = true with lora.enabled: a LoRA export already is a delta; turn one off")
+
+def _mode_rules(c) -> None:
+    "Rules of the optimizers, progressive training, micro-batches and the Hub push."
+    o, d = c.optim, c.data
+    if o.optimizer == 'schedulefree_adamw' and o.lr_scheduler != 'constant':
+        raise ConfigError(f"optim.lr_scheduler = {o.lr_scheduler!r} with optim.optimizer = 'schedulefree_adamw': schedule-free averages "
+                          "the iterates instead of decaying the step; set optim.lr_scheduler = 'constant' (its warm-up: optim.warmup_steps)")
+    if o.optimizer == 'prodigy' and min(o.lr, o.text_encoder_lr or o.lr) < 0.1:
+        raise ConfigError(f"optim.lr = {min(o.lr, o.text_encoder_lr or o.lr)!r} with optim.optimizer = 'prodigy': Prodigy's lr is a multiplier "
+                          "of the step size it estimates, not a learning rate; use optim.lr = 1.0 (and leave text_encoder_lr unset)")
+    pkg = ADAPTIVE_OPTIMIZER_PACKAGES.get(o.optimizer)
+    if pkg and importlib.util.find_spec(pkg) is None:
+        raise ConfigError(f"optim.optimizer = {o.optimizer!r} needs the {pkg} package: pip install {pkg} (or ztsnr_nb[adaptive]), or use 'adamw'")
+    if d.min_micro_batch > d.batch_size: raise ConfigError(f"data.min_micro_batch = {d.min_micro_batch} exceeds data.batch_size = {d.batch_size}")
+    small = [a for _, a in d.resolution_schedule if a < d.min_side ** 2]
+    if small: raise ConfigError(f"data.resolution_schedule has max_area {small[0]} < data.min_side² = {d.min_side ** 2}: no bucket fits")
+    if c.hub.push and c.hub.repo is None: raise ConfigError("hub.push = true needs hub.repo = 'user/name'")
+    if c.hub.push and not c.checkpoint.export: raise ConfigError("hub.push = true needs checkpoint.export = true (the push uploads the export)")
+
 # %% ../../nbs/40_training_config.ipynb #4f0bc240
 @dataclass
 class TrainConfig(Section):
     "Everything a training run needs."
     model: ModelConfig = sub(ModelConfig, 'which model to train')
+    lora: LoraSettings = sub(LoraSettings, 'low-rank adapters instead of a full fine-tune (off by default)')
     data: DataConfig = sub(DataConfig, 'where the images are and how they become batches')
     optim: OptimConfig = sub(OptimConfig, 'optimizer and learning-rate schedule')
     loss: LossConfig = sub(LossConfig, 'how the diffusion loss is weighted')
-    ema: EMAConfig = sub(EMAConfig, 'exponential moving average of the weights')
+    ema: EMAConfig = sub(EMAConfig, 'exponential moving average of the weights (and post-hoc EMA snapshots)')
+    device: DeviceConfig = sub(DeviceConfig, 'CUDA speed and memory switches')
     checkpoint: CheckpointConfig = sub(CheckpointConfig, 'run folder, checkpoints, resume, export')
     validation: ValidationConfig = sub(ValidationConfig, 'sample grids and validation loss')
     sampler: SamplerSettings = sub(SamplerSettings, 'how validation samples')
     logging: LogConfig = sub(LogConfig, 'metrics')
+    tags: TagsConfig = sub(TagsConfig, 'tag-frequency loss weighting (off by default)')
+    hub: HubConfig = sub(HubConfig, 'model card and Hugging Face Hub push at the end')
     seed: int = opt(0, integer(0, 2 ** 63 - 1), 'seed of everything random (the draws of step s on rank r depend only on seed, r, s)')
 
     def check(self, require_model: bool = True) -> 'TrainConfig':
@@ -306,6 +520,7 @@ class TrainConfig(Section):
             raise ConfigError(f"model.tiny = true and model.pretrained = {self.model.pretrained!r}: choose one (tiny builds a random model)")
         if self.logging.log_with == 'wandb' and importlib.util.find_spec('wandb') is None:
             raise ConfigError("logging.log_with = 'wandb' but wandb is not installed: pip install wandb, or use 'tensorboard' or 'none'")
+        _lora_rules(self); _mode_rules(self)
         return self
 
     def missing_paths(self) -> list[str]:
@@ -318,6 +533,8 @@ class TrainConfig(Section):
         remote = s is not None and (str(s).startswith(('http://', 'https://', 'pipe:')) or any(c in str(s) for c in '{*'))
         if s is not None and not remote and not Path(s).exists():
             out.append(f"data.source = {s!r} does not exist: give an image folder, a metadata.jsonl folder or .tar shards (--data PATH)")
+        if m.head_pruning is not None and not Path(m.head_pruning).exists():
+            out.append(f"model.head_pruning = {m.head_pruning!r} does not exist: give the head_pruning.json save_head_pruning wrote (or its folder)")
         o = Path(self.checkpoint.output_dir)
         if o.exists() and not o.is_dir(): out.append(f"checkpoint.output_dir = {str(o)!r} is a file: choose a folder (--output-dir DIR)")
         return out
@@ -340,7 +557,7 @@ def _fill(sec: Section, data, source: str, where: str = ''):
         if sec.__dataclass_fields__[k].metadata.get('section'):
             if not isinstance(v, dict): raise ConfigError(f"{source}: '{where}{k}' must be a table [{where}{k}], got {v!r}")
             _fill(getattr(sec, k), v, source, f'{where}{k}.')
-        elif isinstance(v, dict):
+        elif isinstance(v, dict) and not sec.__dataclass_fields__[k].metadata.get('mapping'):
             raise ConfigError(f"{source}: '{where}{k}' is a value, not a table: there is no key '{where}{k}.{next(iter(v), '')}'")
         else:
             try: setattr(sec, k, v)
@@ -390,6 +607,7 @@ def _toml_value(v) -> str:
     if isinstance(v, bool): return 'true' if v else 'false'
     if isinstance(v, str): return json.dumps(v, ensure_ascii=False)
     if isinstance(v, (list, tuple)): return '[' + ', '.join(_toml_value(x) for x in v) + ']'
+    if isinstance(v, dict): return '{' + ', '.join(f'{k} = {_toml_value(x)}' for k, x in v.items()) + '}'
     return repr(v)
 
 def to_toml(cfg: TrainConfig, comments: bool = True, header: str = '') -> str:
@@ -418,8 +636,12 @@ def example_config() -> TrainConfig:
     o.optimizer, o.lr, o.warmup_steps, o.max_steps, o.grad_accum = 'adafactor', 1e-6, 100, 10000, 4
     c.ema.cpu = True
     c.checkpoint.output_dir = 'runs/sdxl-vpred-ztsnr'
-    c.validation.every, c.validation.width, c.validation.height = 500, 832, 1216
+    v = c.validation
+    v.every, v.width, v.height, v.seeds = 500, 832, 1216, 2
+    v.prompts = ['1girl, solo, black hair, black dress, night, dark, black background',
+                 '1girl, solo, white hair, white dress, snow, bright, white background']
     c.sampler.steps = 28
+    c.hub.base_model = 'stabilityai/stable-diffusion-xl-base-1.0'
     return c.check()
 
 EXAMPLE_HEADER = '''# ztsnr_nb: full fine-tune of SDXL base with v-prediction + zero terminal SNR.

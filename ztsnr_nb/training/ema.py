@@ -20,31 +20,36 @@ def ema_decay(step: int, max_decay: float = 0.9999, min_decay: float = 0.0, inv_
     return float(min(max_decay, max(min_decay, 1 - (1 + step / inv_gamma) ** -power)))
 
 # %% ../../nbs/42_training_ema.ipynb #1e4c84fe
+def _all_params(model) -> dict:
+    "Name → tensor of a module's parameters, or of a mapping (e.g. the adapter parameters of 14_models_lora) as given."
+    return dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+
 class EMA:
-    "Exponential moving average of a model's floating-point parameters, kept in fp32 (optionally on the CPU)."
-    def __init__(self, model: torch.nn.Module, max_decay: float = 0.9999, min_decay: float = 0.0, inv_gamma: float = 1.0,
-                 power: float = 2 / 3, interval: int = 1, device=None):
+    "Exponential moving average of a model's (or a name → parameter mapping's) floating-point parameters, in fp32."
+    def __init__(self, model, max_decay: float = 0.9999, min_decay: float = 0.0, inv_gamma: float = 1.0,
+                 power: float = 2 / 3, interval: int = 1, device=None, trainable_only: bool = False):
         if not (0 <= max_decay < 1): raise ValueError(f"ema max_decay={max_decay!r} must be in [0, 1)")
         if not (isinstance(interval, int) and interval >= 1): raise ValueError(f"ema interval={interval!r} must be an integer >= 1")
         self.max_decay, self.min_decay, self.inv_gamma, self.power, self.interval = max_decay, min_decay, inv_gamma, power, interval
-        self.names = [n for n, p in model.named_parameters() if p.dtype.is_floating_point]
-        params = dict(model.named_parameters())
+        params = _all_params(model)
+        self.names = [n for n, p in params.items() if p.dtype.is_floating_point and (p.requires_grad or not trainable_only)]
+        if not self.names: raise ValueError("EMA: nothing to average (no floating-point parameters" + (" with requires_grad)" if trainable_only else ")"))
         self.shadow = [params[n].detach().to(device=device or params[n].device, dtype=torch.float32, copy=True) for n in self.names]
         self.updates = 0   # number of EMA updates done
         self.last_step = -1
 
     def _params(self, model):
-        "The model's parameters in EMA order (looked up once per model object)."
+        "The model's (or mapping's) parameters in EMA order (looked up once per model object)."
         cached = getattr(self, '_cache', None)
         if cached is not None and cached[0] is model: return cached[1]
-        params = dict(model.named_parameters())
+        params = _all_params(model)
         missing = [n for n in self.names if n not in params]
         if missing: raise ValueError(f"EMA: the model has no parameter {missing[0]!r}: the EMA belongs to another model")
         self._cache = (model, [params[n] for n in self.names])
         return self._cache[1]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> bool:
+    def update(self, model, step: int) -> bool:
         "Fold the model's weights in if `step` is on the interval; returns whether it updated."
         if step % self.interval: return False
         decay = ema_decay(step, self.max_decay, self.min_decay, self.inv_gamma, self.power) ** self.interval

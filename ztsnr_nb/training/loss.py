@@ -14,7 +14,7 @@ from ..schedule import NoiseSchedule, add_noise, v_target, sample_train_timestep
 from .config import LossConfig
 
 # %% auto #0
-__all__ = ['sample_noise', 'per_sample_mse', 'LossOutput', 'diffusion_loss']
+__all__ = ['sample_noise', 'per_sample_mse', 'loss_mask', 'LossOutput', 'diffusion_loss', 'sample_t_and_noise']
 
 # %% ../../nbs/41_training_loss.ipynb #10309de2
 def sample_noise(x0: torch.Tensor, noise_offset: float = 0.0, generator=None) -> torch.Tensor:
@@ -24,33 +24,56 @@ def sample_noise(x0: torch.Tensor, noise_offset: float = 0.0, generator=None) ->
         eps = eps + noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator, device=x0.device, dtype=x0.dtype)
     return eps
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    "Mean squared error over all non-batch dimensions, computed in fp32."
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    "Mean squared error over all non-batch dimensions in fp32; with `mask`, the mask-weighted mean Σ m·e / Σ m per sample."
+    err = (pred.float() - target.float()).pow(2)
+    if mask is None: return err.flatten(1).mean(1)
+    m = loss_mask(mask, err.shape).to(err.device)
+    num, den = (err * m).flatten(1).sum(1), m.expand_as(err).flatten(1).sum(1)
+    return num / den.clamp_min(1e-12)        # an all-zero mask: 0 / tiny = 0, and no gradient
+
+def loss_mask(mask: torch.Tensor, shape) -> torch.Tensor:
+    "A per-pixel loss mask (B,h,w), (B,1,h,w) or (B,C,h,w) with values in [0, 1], as fp32 broadcastable to the latents `shape`."
+    m = mask.float()
+    if m.ndim == len(shape) - 1: m = m.unsqueeze(1)
+    if m.ndim != len(shape) or m.shape[0] != shape[0] or tuple(m.shape[2:]) != tuple(shape[2:]) or m.shape[1] not in (1, shape[1]):
+        raise ValueError(f"loss mask of shape {tuple(mask.shape)} does not fit latents {tuple(shape)}: give (B, 1, h, w) on the "
+                         f"latent grid (the dataset downsamples image masks by the VAE factor 8)")
+    if not bool(((m >= 0) & (m <= 1)).all()): raise ValueError("loss mask values must lie in [0, 1] (0: ignored, 1: full weight)")
+    return m
 
 # %% ../../nbs/41_training_loss.ipynb #d62ab258
 @dataclass
 class LossOutput:
     "The scalar loss and what the trainer logs about it."
     loss: torch.Tensor          # scalar, weighted mean over the batch
-    per_sample: torch.Tensor    # unweighted MSE per sample (B,)
+    per_sample: torch.Tensor    # MSE per sample (B,), mask-weighted when a mask is given, no timestep/sample weight
     weights: torch.Tensor       # timestep weight x sample weight (B,)
     timesteps: torch.Tensor     # (B,)
 
 def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, cfg: LossConfig | None = None, prediction: str = 'v',
-                   sample_weight: torch.Tensor | None = None, generator=None, t: torch.Tensor | None = None) -> LossOutput:
-    "Weighted v- (or eps-) prediction loss: sample t and eps, noise x0, predict, weight per timestep and per sample."
+                   sample_weight: torch.Tensor | None = None, generator=None, t: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> LossOutput:
+    "Weighted v- (or eps-) prediction loss: sample t and eps (unless given), noise x0, predict, weight per pixel (mask), timestep and sample."
     cfg = cfg or LossConfig()
     prediction = check_prediction_for_schedule(prediction, schedule.ztsnr)
     B = x0.shape[0]
     if t is None: t = sample_train_timesteps(B, n_train=schedule.n_steps, generator=generator, dist=cfg.timestep_dist)
     t = t.to(x0.device)
-    eps = sample_noise(x0, cfg.noise_offset, generator)
+    eps = sample_noise(x0, cfg.noise_offset, generator) if noise is None else noise.to(x0.device, x0.dtype)
     ab = schedule.alpha_bar.to(x0.device)[t].float().view(B, *([1] * (x0.ndim - 1)))
     x_t = add_noise(x0.float(), eps.float(), ab).to(x0.dtype)
     target = v_target(x0.float(), eps.float(), ab) if prediction == 'v' else eps.float()
     pred = model(x_t, t)
-    per_sample = per_sample_mse(pred, target)
-    w = schedule.loss_weight(t, cfg.weighting, prediction, cfg.gamma, cfg.terminal_weight)
+    per_sample = per_sample_mse(pred, target, mask)
+    w = schedule.loss_weight(t, cfg.weighting, prediction, cfg.gamma, cfg.terminal_weight, floor=cfg.floor)
     if sample_weight is not None: w = w * sample_weight.to(w.device, w.dtype)
     return LossOutput(loss=(w * per_sample).mean(), per_sample=per_sample.detach(), weights=w.detach(), timesteps=t)
+
+# %% ../../nbs/41_training_loss.ipynb #0423306c
+def sample_t_and_noise(x0: torch.Tensor, schedule: NoiseSchedule, cfg: LossConfig | None = None,
+                       generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    "(t, eps): the random draws of one `diffusion_loss` call, in its order (t from the timestep distribution, then eps)."
+    cfg = cfg or LossConfig()
+    t = sample_train_timesteps(x0.shape[0], n_train=schedule.n_steps, generator=generator, dist=cfg.timestep_dist)
+    return t, sample_noise(x0, cfg.noise_offset, generator)
