@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, write_tiny_run_config
 from faults_util import record, table
 
 SEED = int(os.environ.get("ZTSNR_FAULT_SEED", "0"))
@@ -18,40 +18,7 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 def write_config(path: Path, data: Path, out: Path, steps=STEPS, every=1, extra=""):
-    path.write_text(f'''seed = 3
-[model]
-tiny = true
-[data]
-source = "{data}"
-cache_dir = "{out.parent / (out.name + '_cache')}"
-max_area = 4096
-bucket_step = 32
-min_side = 32
-max_side = 128
-batch_size = 2
-val_items = 2
-[optim]
-lr = 1e-3
-max_steps = {steps}
-mixed_precision = "no"
-[ema]
-max_decay = 0.9
-[checkpoint]
-output_dir = "{out}"
-every = {every}
-keep_last = 2
-export = false
-[validation]
-prompts = ["solid_color, black_background, dark"]
-width = 64
-height = 64
-[sampler]
-steps = 1
-[logging]
-log_with = "none"
-progress = false
-{extra}''')
-    return path
+    return write_tiny_run_config(path, data, out, steps=steps, every=every, export=False, sampler_steps=1, extra=extra)
 
 
 def cli(cfg, *args):

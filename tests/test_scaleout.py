@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, write_tiny_run_config
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / 'accelerate_configs'
@@ -45,41 +45,8 @@ def free_port() -> int:
 
 def write_config(path: Path, data: Path, out: Path, cache: Path, steps=4, every=2, extra='') -> Path:
     "A tiny-model run: 2 images per process and step, EMA on, small validation (1 prompt, 1 seed, 2 sampler steps)."
-    path.write_text(f'''seed = 3
-[model]
-tiny = true
-[data]
-source = "{data}"
-cache_dir = "{cache}"
-max_area = 4096
-bucket_step = 32
-min_side = 32
-max_side = 128
-batch_size = 2
-val_items = 2
-[optim]
-lr = 1e-3
-max_steps = {steps}
-mixed_precision = "no"
-[ema]
-max_decay = 0.9
-[checkpoint]
-output_dir = "{out}"
-every = {every}
-keep_last = 3
-[validation]
-prompts = ["solid_color, black_background, dark"]
-seeds = 1
-width = 64
-height = 64
-loss_timesteps = [500]
-[sampler]
-steps = 2
-[logging]
-log_with = "none"
-progress = false
-{extra}''')
-    return path
+    return write_tiny_run_config(path, data, out, steps=steps, every=every, cache=cache, keep_last=3,
+                                 validation='seeds = 1\nloss_timesteps = [500]\n', extra=extra)
 
 
 def accelerate_bin() -> str:

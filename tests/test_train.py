@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, ROOT
+from conftest import run_cli, ROOT, write_tiny_run_config
 
 STEPS = 8
 
@@ -20,39 +20,7 @@ def data_dir(tmp_path_factory):
 
 
 def write_config(path: Path, data: Path, out: Path, steps=STEPS, every=2, extra=""):
-    path.write_text(f'''seed = 3
-[model]
-tiny = true
-[data]
-source = "{data}"
-cache_dir = "{out.parent / (out.name + '_cache')}"
-max_area = 4096
-bucket_step = 32
-min_side = 32
-max_side = 128
-batch_size = 2
-val_items = 2
-[optim]
-lr = 1e-3
-max_steps = {steps}
-mixed_precision = "no"
-[ema]
-max_decay = 0.9
-[checkpoint]
-output_dir = "{out}"
-every = {every}
-keep_last = 2
-[validation]
-prompts = ["solid_color, black_background, dark"]
-width = 64
-height = 64
-[sampler]
-steps = 2
-[logging]
-log_with = "none"
-progress = false
-{extra}''')
-    return path
+    return write_tiny_run_config(path, data, out, steps=steps, every=every, extra=extra)
 
 
 def final_unet(out: Path):

@@ -116,7 +116,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir):
     part = tmp_path / "part"
     cfg = write_config(tmp_path / "part.toml", data_dir, part, vae, steps=6, extra="")
     p = subprocess.Popen([sys.executable, "-m", MOD, str(cfg), "--set", "checkpoint.export=false"],
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads())),   # same float sums as the reference
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         if (part / "metrics.jsonl").exists() and len(metrics(part)) >= 2: break

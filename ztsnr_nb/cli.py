@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .training.config import (EXAMPLE_HEADER, ConfigError, TrainConfig, config_from_dict, example_config,
-                                      load_toml, set_key, to_toml)
+from .training.config import EXAMPLE_HEADER, ConfigError, TrainConfig, args_to_config, example_config, to_toml
 
 # %% auto #0
 __all__ = ['train_parser', 'config_from_args', 'main', 'generate_parser', 'generate_main', 'make_tiny_main', 'make_dataset_main',
@@ -59,18 +58,7 @@ def _flag(name: str) -> str: return '--' + name.replace('_', '-')
 
 def config_from_args(args) -> TrainConfig:
     "Config file + `--set` overrides + shortcut flags → checked TrainConfig; errors name the file or the flag."
-    data, source = {}, 'command line'
-    if args.config:
-        source = args.config
-        if str(args.config).endswith('.json'):
-            try: data = json.loads(Path(args.config).read_text(encoding='utf-8'))
-            except (OSError, ValueError) as e: raise ConfigError(f"{args.config}: not a readable JSON config ({e})") from None
-        else: data = load_toml(args.config)
-    cfg = config_from_dict(data, source, overrides=args.set, require_model=False)
-    for flag, key in _FLAGS:
-        if (v := getattr(args, flag)) is not None: set_key(cfg, key, v, f"{_flag(flag)} {v}")
-    try: return cfg.check()
-    except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
+    return args_to_config(args, _FLAGS)
 
 # %% ../nbs/90_cli.ipynb #2a438098
 def _demo_args(args) -> dict:

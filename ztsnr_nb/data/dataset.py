@@ -33,7 +33,7 @@ __all__ = ['logger', 'TEXT_CACHE_TRADEOFF', 'MASK_SUFFIX', 'split_tags', 'augmen
            'text_cache_usable', 'CachedLatentDataset', 'collate_samples', 'EpochBatches', 'make_dataloader',
            'apply_tags', 'drop_mask_sidecars', 'mask_sidecar', 'read_mask', 'latent_mask', 'cached_crop_plan',
            'MaskCache', 'attach_masks', 'prepare_dataset', 'InMemoryData', 'random_latent_data', 'CachedTrainData',
-           'build_train_data']
+           'endless_batches', 'build_train_data']
 
 # %% ../../nbs/25_data_dataset.ipynb #c9a6f18c
 def split_tags(caption: str) -> list[str]:
@@ -494,6 +494,17 @@ class CachedTrainData:
         "Cached embeddings when the batch has them, else both text encoders on the batch's token ids."
         if 'prompt_embeds' in batch: return batch['prompt_embeds'], batch['pooled_prompt_embeds']
         return encode_tokens(models.text_encoder, models.text_encoder_2, batch['input_ids_1'], batch['input_ids_2'])
+
+def endless_batches(data, state):
+    "`data.loader`'s batches forever, epoch after epoch from `state.epoch`; `state.consumed` counts the epoch's batches (for resume)."
+    sampler = data.sampler
+    if len(sampler) == 0: raise ValueError("the training data has no batches: check data.source and data.batch_size")
+    while True:
+        sampler.set_epoch(state.epoch)
+        for batch in data.loader:
+            state.consumed += 1
+            yield batch
+        state.epoch += 1; state.consumed = 0
 
 def _val_batches(dataset, max_batch: int = 8) -> list[dict]:
     "Fixed validation batches (epoch 0 samples), one or more per bucket."

@@ -29,7 +29,8 @@ __all__ = ['LR_SCHEDULERS', 'RENAMED', 'EXAMPLE_HEADER', 'ConfigError', 'integer
            'optional', 'list_of', 'policy', 'opt', 'sub', 'Section', 'ModelConfig', 'DataConfig', 'OptimConfig',
            'LossConfig', 'EMAConfig', 'CheckpointConfig', 'ValidationConfig', 'SamplerSettings', 'LogConfig', 'rule',
            'TagsConfig', 'LoraSettings', 'DeviceConfig', 'HubConfig', 'TrainConfig', 'config_from_dict', 'load_toml',
-           'parse_override', 'apply_overrides', 'set_key', 'to_toml', 'example_config']
+           'parse_override', 'apply_overrides', 'set_key', 'load_config_file', 'args_to_config', 'to_toml',
+           'example_config']
 
 # %% ../../nbs/40_training_config.ipynb #aadadaf4
 class ConfigError(ValueError):
@@ -601,6 +602,21 @@ def set_key(cfg: TrainConfig, key: str, value, source: str) -> TrainConfig:
     d = value
     for p in reversed(key.split('.')): d = {p: d}
     return _fill(cfg, d, source)
+
+def load_config_file(path) -> dict:
+    "A config file as nested dicts: TOML, or the JSON a run writes as `config.json`; errors name the file."
+    if not str(path).endswith('.json'): return load_toml(path)
+    try: return json.loads(Path(path).read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e: raise ConfigError(f"{path}: not a readable JSON config ({e})") from None
+
+def args_to_config(args, flags, from_dict=config_from_dict):
+    "`args.config` + `--set` overrides + shortcut `flags` ((attribute, dotted key) pairs) → checked config; errors name the file or flag."
+    source = args.config or 'command line'
+    cfg = from_dict(load_config_file(args.config) if args.config else {}, source, overrides=args.set, require_model=False)
+    for flag, key in flags:
+        if (v := getattr(args, flag)) is not None: set_key(cfg, key, v, f"--{flag.replace('_', '-')} {v}")
+    try: return cfg.check()
+    except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
 
 # %% ../../nbs/40_training_config.ipynb #d50061e7
 def _toml_value(v) -> str:

@@ -23,7 +23,7 @@ import ztsnr_nb
 from .. import __version__
 from ..schedule import NoiseSchedule
 from ..models.sdxl import Conditioning, SDXLComponents, unet_forward
-from ..data.dataset import build_train_data
+from ..data.dataset import build_train_data, endless_batches
 from ..data.latent_cache import bytes_digest, module_digest
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from .loss import LossOutput, diffusion_loss, sample_t_and_noise
@@ -428,14 +428,7 @@ def optimizer_step(self: Trainer, batches, params=None) -> tuple[bool, float]:
 @patch
 def batches(self: Trainer):
     "Micro-batches forever, epoch after epoch, starting where the state says; counts what was consumed."
-    sampler = self.data.sampler
-    if len(sampler) == 0: raise ValueError("the training data has no batches: check data.source and data.batch_size")
-    while True:
-        sampler.set_epoch(self.state.epoch)
-        for batch in self.data.loader:
-            self.state.consumed += 1
-            yield batch
-        self.state.epoch += 1; self.state.consumed = 0
+    return endless_batches(self.data, self.state)
 
 # %% ../../nbs/46_training_trainer.ipynb #4fba552c
 @patch

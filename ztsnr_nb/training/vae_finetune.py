@@ -30,7 +30,7 @@ from ..models.vae import (FP16_MAX, activation_peaks, check_sdxl_vae, decoder_st
 from ..data.sources import ImageRecord, scan_source
 from ..data.buckets import BucketBatchSampler, apply_crop_plan, assign_bucket, crop_plan, make_buckets
 from ..data.latent_cache import module_digest
-from ..data.dataset import EpochBatches
+from ..data.dataset import EpochBatches, endless_batches
 from .config import (CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig, Section, apply_overrides,
                                       boolean, integer, number, one_of, opt, optional, set_key, sub, text, to_toml)
 from .ema import EMA
@@ -704,14 +704,7 @@ def train_step(self: VAETrainer, batch: dict) -> tuple[bool, dict]:
 @patch
 def batches(self: VAETrainer):
     "Batches forever, epoch after epoch, starting where the state says; counts what was consumed."
-    sampler = self.data.sampler
-    if len(sampler) == 0: raise ValueError("the training data has no batches: check data.source and data.batch_size")
-    while True:
-        sampler.set_epoch(self.state.epoch)
-        for batch in self.data.loader:
-            self.state.consumed += 1
-            yield batch
-        self.state.epoch += 1; self.state.consumed = 0
+    return endless_batches(self.data, self.state)
 
 @patch
 def save_checkpoint(self: VAETrainer) -> Path:
@@ -985,19 +978,8 @@ _VAE_FLAGS = (('resume', 'checkpoint.resume'), ('output_dir', 'checkpoint.output
 
 def vae_config_from_args(args) -> VAETrainConfig:
     "Config file + `--set` overrides + shortcut flags → checked VAETrainConfig; errors name the file or the flag."
-    from ztsnr_nb.training.config import load_toml
-    data, source = {}, 'command line'
-    if args.config:
-        source = args.config
-        if str(args.config).endswith('.json'):
-            try: data = json.loads(Path(args.config).read_text(encoding='utf-8'))
-            except (OSError, ValueError) as e: raise ConfigError(f"{args.config}: not a readable JSON config ({e})") from None
-        else: data = load_toml(args.config)
-    cfg = vae_config_from_dict(data, source, overrides=args.set, require_model=False)
-    for flag, key in _VAE_FLAGS:
-        if (v := getattr(args, flag)) is not None: set_key(cfg, key, v, f"--{flag.replace('_', '-')} {v}")
-    try: return cfg.check()
-    except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
+    from ztsnr_nb.training.config import args_to_config
+    return args_to_config(args, _VAE_FLAGS, vae_config_from_dict)
 
 def _quiet_libraries():
     import os
