@@ -378,7 +378,6 @@ def test_progressive_resolution_switch_resumes_exactly(tmp_path):
         assert [x['loss'] for x in r.metrics()] == [x['loss'] for x in a.metrics()]
 
 
-@pytest.mark.xfail(reason="known bug (open): a LoRA export has no diffusers pipeline folder, and push_to_hub's default parts still ask for 'diffusers'", strict=False)
 def test_lora_run_pushes_its_adapter_files(tmp_path, monkeypatch):
     "A LoRA export (no diffusers pipeline folder) is pushed as its .safetensors files + card (HfApi intercepted)."
     import huggingface_hub
@@ -394,4 +393,4 @@ def test_lora_run_pushes_its_adapter_files(tmp_path, monkeypatch):
                 checkpoint=CheckpointConfig(output_dir=str(out), every=0, export=True))
     assert 'error' not in s['hub'], s['hub']
     assert commits == [['README.md', 'lora.safetensors', 'pytorch_lora_weights.safetensors', 'training_config.json']]
-    assert s['hub']['files'] == commits[0] and s['hub']['repo_id'] == 'me/tiny-lora'
+    assert sorted(s['hub']['files']) == commits[0] and s['hub']['repo_id'] == 'me/tiny-lora'

@@ -21,8 +21,8 @@ import yaml
 __all__ = ['log', 'BASE_TAGS', 'DEFAULT_LICENSE', 'CARD_FILES', 'PARTS', 'HubError', 'HubPushError', 'resolve_export_dir',
            'run_dir_of', 'latest_sample_grid', 'single_file_markers', 'sampling_facts', 'is_lora_file', 'check_repo_id',
            'card_metadata', 'split_front_matter', 'sampling_section', 'training_section', 'lora_section', 'model_card',
-           'write_model_card', 'upload_plan', 'resolve_token', 'PushResult', 'push_to_hub', 'push_parser',
-           'push_command', 'main']
+           'write_model_card', 'export_parts', 'upload_plan', 'resolve_token', 'PushResult', 'push_to_hub',
+           'push_parser', 'push_command', 'main']
 
 # %% ../nbs/15_hub.ipynb #3c790eda
 log = logging.getLogger(__name__)
@@ -255,9 +255,18 @@ def write_model_card(run_or_export, repo_id: str | None = None, base_model: str 
 CARD_FILES = ('README.md', 'samples.png', 'training_config.json')
 PARTS = ('diffusers', 'single_file', 'card')
 
-def upload_plan(export_dir, include=PARTS) -> list[tuple[Path, str]]:
+def export_parts(export_dir) -> tuple[str, ...]:
+    "The PARTS an export folder has: a LoRA export has no diffusers folder, a diffusers-only export no single file."
+    d = Path(export_dir)
+    has = {'diffusers': (d / 'diffusers' / 'model_index.json').exists(), 'single_file': any(d.glob('*.safetensors')), 'card': True}
+    if not (has['diffusers'] or has['single_file']):
+        raise HubError(f"{str(d)!r}: no diffusers folder (model_index.json) and no .safetensors file: nothing to push; export the run first")
+    return tuple(p for p in PARTS if has[p])
+
+def upload_plan(export_dir, include=None) -> list[tuple[Path, str]]:
     "(local file, path in repo) for each file a push uploads: the diffusers folder at the root, single files, the card."
     d, plan = Path(export_dir), []
+    if include is None: include = export_parts(d)           # what this export has; an explicit part that is missing is an error
     bad = [p for p in include if p not in PARTS]
     if bad: raise HubError(f"include = {bad}: choose from {list(PARTS)}")
     if 'diffusers' in include:
@@ -299,11 +308,12 @@ class PushResult:
     private: bool = True
     dry_run: bool = False
 
-def push_to_hub(run_or_export_dir, repo_id: str, token: str | None = None, private: bool = True, include=PARTS,
+def push_to_hub(run_or_export_dir, repo_id: str, token: str | None = None, private: bool = True, include=None, exclude=(),
                 commit_message: str | None = None, revision: str | None = None, regenerate_card: bool = False,
                 card: dict | None = None, dry_run: bool = False, endpoint: str | None = None) -> PushResult:
     "Upload an export (diffusers folder, single file, model card) to `repo_id` in one commit; raises HubPushError on failure."
     d, repo_id = resolve_export_dir(run_or_export_dir), check_repo_id(repo_id)
+    include = tuple(p for p in (export_parts(d) if include is None else include) if p not in exclude)
     if 'card' in include and (regenerate_card or not (d / 'README.md').exists()): write_model_card(d, repo_id=repo_id, **(card or {}))
     plan = upload_plan(d, include)
     size = sum(p.stat().st_size for p, _ in plan)
@@ -347,10 +357,10 @@ def push_parser() -> argparse.ArgumentParser:
 
 def push_command(args) -> int:
     "Run the push described by parsed `args`; returns the exit code."
-    include = tuple(p for p, skip in (('diffusers', args.no_diffusers), ('single_file', args.no_single_file), ('card', False)) if not skip)
+    exclude = tuple(p for p, skip in (('diffusers', args.no_diffusers), ('single_file', args.no_single_file)) if skip)
     card = {'base_model': args.base_model, 'license': args.license, 'tags': tuple(args.tag)}
     try:
-        res = push_to_hub(args.path, args.repo, private=args.private, include=include, commit_message=args.message,
+        res = push_to_hub(args.path, args.repo, private=args.private, exclude=exclude, commit_message=args.message,
                           revision=args.revision, card=card, dry_run=args.dry_run,
                           regenerate_card=args.regenerate_card or bool(args.base_model or args.tag) or args.license != DEFAULT_LICENSE)
     except (HubError, HubPushError) as e:
