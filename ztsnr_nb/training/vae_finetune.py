@@ -35,7 +35,7 @@ from .config import (CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimC
                                       boolean, integer, number, one_of, opt, optional, set_key, sub, text, to_toml)
 from .ema import EMA
 from .checkpointing import TrainState, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from .trainer import NonFiniteLossError, _flat, _null, make_lr_scheduler, make_optimizer, step_generator
+from .trainer import NonFiniteLossError, Trainer, _flat, _null, make_lr_scheduler, make_optimizer, step_generator
 
 log = logging.getLogger(__name__)
 
@@ -736,17 +736,9 @@ def _resume(self: VAETrainer):
     return ck
 
 # %% ../../nbs/48_training_vae_finetune.ipynb #00733763
-@patch
-def _on_signal(self: VAETrainer, signum, frame):
-    if self._stop_signal is None: log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
-    self._stop_signal = signum
-
-@patch
-def _install_signals(self: VAETrainer): self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-@patch
-def _restore_signals(self: VAETrainer):
-    for s, h in getattr(self, '_old', {}).items(): signal.signal(s, h)
+# SIGINT/SIGTERM: the UNet trainer's handlers, unchanged (remember the signal; checkpoint after the step, then exit)
+VAETrainer._on_signal, VAETrainer._install_signals, VAETrainer._restore_signals = (
+    Trainer._on_signal, Trainer._install_signals, Trainer._restore_signals)
 
 @patch
 def _stop_requested(self: VAETrainer) -> bool: return _ranks_with(self.acc, self._stop_signal is not None) > 0
