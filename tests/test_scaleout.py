@@ -1,21 +1,21 @@
 """Scale-out beyond 2-process DDP (issue 18): FSDP and DeepSpeed ZeRO through accelerate, a 2-node launch on
-localhost, and resume across world sizes. The changes the shipped code needs are PROPOSALS P1-P7 in tests/scaleout_launch.py.
+localhost, and resume across world sizes, with the shipped trainer (nbs/44 engine helpers, nbs/46 `_prepare`,
+`_check_engine`, `_gather_unet`, `param_checksums`, nbs/42 sharded EMA state, nbs/22 sampler re-cut).
 
 `ZTSNR_SCALEOUT` chooses how much is launched (2 CPU processes on gloo, OMP_NUM_THREADS=1, tiny model, 2-4 steps):
 - unset (default, "core", < 4 min on a loaded 2-core machine): the quick tests (no process launched: the accelerate
   config files, the DeepSpeed config a TrainConfig implies, the data sampler across world sizes) and 5 launches:
   FSDP2 train -> sharded checkpoint -> export -> exact resume, FSDP2 2 -> 1 processes, 2 nodes on 127.0.0.1;
-- `ZTSNR_SCALEOUT=1` (about 10 min): also DDP as the reference FSDP/ZeRO must match, DDP 2 -> 1 and 1 -> 2, the
-  current trainer under FSDP1/FSDP2/DeepSpeed (xfail), DeepSpeed ZeRO-2 (train, checkpoint, exact resume, 2 -> 1)
-  and ZeRO-3 (train, gathered export), and the proof that accelerate ignores FSDP on CPU without the shim;
+- `ZTSNR_SCALEOUT=1` (about 12 min): also DDP as the reference FSDP/ZeRO must match, DDP 2 -> 1 and 1 -> 2, FSDP1
+  (train, validate, export; its EMA refused), DeepSpeed ZeRO-2 (train, checkpoint, exact resume, 2 -> 1: xfail) and
+  ZeRO-3 (train, gathered export), and the proof that accelerate ignores FSDP on CPU without the shim;
 - `ZTSNR_SCALEOUT=0`: the quick tests only.
 FSDP and DeepSpeed on CPU go through tests/scaleout_launch.py: accelerate 1.15 drops an FSDP config on CPU
 processes without a word (test_accelerate_ignores_fsdp_on_cpu), and refuses DeepSpeed on CPU; the shim restores
 those branches (on GPUs nothing is patched).
 
-Tests marked `xfail(strict=True)` show what fails with the code as it is now; each passes (and so turns into an
-XPASS failure, telling you to drop the marker) once the PROPOSAL for it is merged. The same
-scenarios with `ZTSNR_SCALEOUT_PROTOTYPE=1` in the launched processes (the proposals as monkeypatches) pass.
+The one test marked `xfail(strict=True)` (ZeRO-2 resumed on another world size) shows a DeepSpeed limitation: it
+turns into an XPASS failure, telling you to drop the marker, if DeepSpeed learns to do it.
 """
 import json, math, os, shutil, signal, socket, subprocess, sys, time
 from collections import Counter
@@ -34,7 +34,6 @@ LIMIT = 175                       # seconds for one launched run (each test laun
 LEVEL = os.environ.get('ZTSNR_SCALEOUT', 'core')
 CORE = pytest.mark.skipif(LEVEL == '0', reason='ZTSNR_SCALEOUT=0: no accelerate processes launched')
 SLOW = pytest.mark.skipif(LEVEL != '1', reason='the full launched set (about 10 min, module doc): set ZTSNR_SCALEOUT=1')
-PROTO = {'ZTSNR_SCALEOUT_PROTOTYPE': '1'}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -98,7 +97,7 @@ def launch(cfg: Path, *cli, config=None, procs=2, env=None, extra_args=(), timeo
 
 
 def single(cfg: Path, *cli, env=None, timeout=LIMIT):
-    "One process, no launcher (through the shim for its tracing/prototype switches)."
+    "One process, no launcher (through the shim, for its tracing switch)."
     return run([sys.executable, LAUNCH, cfg, *cli], env=env, timeout=timeout)
 
 
@@ -181,7 +180,7 @@ def test_accelerate_reads_the_config_files(name):
 
 
 # ------------------------------------------------------------------- the DeepSpeed config of a TrainConfig
-from scaleout_deepspeed import deepspeed_config, deepspeed_problems   # noqa: E402 (prototypes for nbs/46)
+from ztsnr_nb.training.device import deepspeed_config, deepspeed_problems   # noqa: E402
 
 
 def _cfg(**sections):
@@ -267,9 +266,7 @@ def _check_owed(consumed, rest, M, R_new, n_buckets):
     assert sum(extra.values()) <= (R_new - 1) * n_buckets, f'repeated {dict(extra)}'
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason='nbs/22: the fingerprint hashes num_replicas in; '
-                   'a 2-process checkpoint refuses to load on 1 (P7)')
-def test_sampler_resumes_on_another_world_size_today():
+def test_sampler_resumes_on_another_world_size():
     from ztsnr_nb.data.buckets import BucketBatchSampler as S
     two = [S(BUCKETS, 2, seed=1, num_replicas=2, rank=r) for r in range(2)]
     done = _take(two, 2)
@@ -280,9 +277,9 @@ def test_sampler_resumes_on_another_world_size_today():
 
 @pytest.mark.parametrize('r0,b0,r1,b1', [(2, 2, 1, 2), (1, 2, 2, 2), (2, 2, 1, 4), (2, 2, 3, 1), (3, 1, 2, 3)])
 @pytest.mark.parametrize('drop_last', [False, True])
-def test_sampler_remap_prototype(r0, b0, r1, b1, drop_last):
-    "The proposed remap: same remaining samples, none repeated (but padding), none skipped, equal batches per rank."
-    from scaleout_sampler import RemappableBucketBatchSampler as S
+def test_sampler_remap(r0, b0, r1, b1, drop_last):
+    "The re-cut on a new layout: same remaining samples, none repeated (but padding), none skipped, equal batches per rank."
+    from ztsnr_nb.data.buckets import BucketBatchSampler as S
     M = Counter(range(len(BUCKETS)))
     for pos in range(len(S(BUCKETS, b0, seed=1, num_replicas=r0, drop_last=drop_last)) + 1):
         old = [S(BUCKETS, b0, seed=1, num_replicas=r0, rank=r, drop_last=drop_last) for r in range(r0)]
@@ -300,9 +297,8 @@ def test_sampler_remap_prototype(r0, b0, r1, b1, drop_last):
 
 
 def test_sampler_remap_chain_and_same_layout_unchanged():
-    "2 -> 1 -> 2 processes within one epoch still owes exactly the unseen items; the same layout resumes as today."
-    from ztsnr_nb.data.buckets import BucketBatchSampler as Today
-    from scaleout_sampler import RemappableBucketBatchSampler as S
+    "2 -> 1 -> 2 processes within one epoch still owes exactly the unseen items; the same layout resumes exactly."
+    from ztsnr_nb.data.buckets import BucketBatchSampler as S
     M = Counter(range(len(BUCKETS)))
     two = [S(BUCKETS, 2, seed=5, num_replicas=2, rank=r) for r in range(2)]
     done = _take(two, 1)
@@ -315,15 +311,15 @@ def test_sampler_remap_chain_and_same_layout_unchanged():
     again = [S(BUCKETS, 2, seed=5, num_replicas=2, rank=r) for r in range(2)]
     for s in again: s.load_state_dict(st)
     _check_owed(done, _rest(again), M, 2, 3)
-    # unchanged layout: the prototype continues exactly like today's sampler
-    a = [Today(BUCKETS, 2, seed=5, num_replicas=2, rank=r) for r in range(2)]
-    b = [S(BUCKETS, 2, seed=5, num_replicas=2, rank=r) for r in range(2)]
+    # unchanged layout: the resumed samplers continue exactly like the uninterrupted ones, and store no plan
+    a = [S(BUCKETS, 2, seed=5, num_replicas=2, rank=r) for r in range(2)]
+    ref = [list(S(BUCKETS, 2, seed=5, num_replicas=2, rank=r))[2:] for r in range(2)]
     _take(a, 2)
     st = a[0].state_dict(consumed=2)
+    assert 'plan' not in st
+    b = [S(BUCKETS, 2, seed=5, num_replicas=2, rank=r) for r in range(2)]
     for s in b: s.load_state_dict(st)
-    c = [Today(BUCKETS, 2, seed=5, num_replicas=2, rank=r) for r in range(2)]
-    for s in c: s.load_state_dict(st)
-    assert [list(s) for s in b] == [list(s) for s in c]
+    assert [list(s) for s in b] == ref
 
 
 # ==================================================================== launched (CORE: default; SLOW: ZTSNR_SCALEOUT=1)
@@ -349,10 +345,10 @@ def ddp_run(work, data_dir, cache):
 
 @pytest.fixture(scope='module')
 def fsdp2_run(work, data_dir, cache):
-    "FSDP2 on 2 processes with the proposed trainer changes, 4 steps, checkpoints at 2 and 4, export at the end."
+    "FSDP2 on 2 processes, 4 steps, checkpoints at 2 and 4, validation at 2 and 4, export at the end."
     out, p = work / 'fsdp2', work / 'probe_fsdp2.json'
     r = launch(write_config(work / 'fsdp2.toml', data_dir, out, cache), config='fsdp2.yaml',
-               env={**PROTO, 'ZTSNR_SCALEOUT_PROBE': str(p)})
+               env={'ZTSNR_SCALEOUT_PROBE': str(p)})
     return out, r, p
 
 
@@ -447,7 +443,7 @@ def test_fsdp2_resume_is_exact(fsdp2_run, work, data_dir, cache):
     assert r.returncode == 0, r.stderr[-4000:]
     res = seed_from(out, 2, work / 'fsdp2_resumed')
     r = launch(write_config(work / 'fsdp2_resumed.toml', data_dir, res, cache), '--resume', 'latest',
-               '--set', 'checkpoint.export=false', config='fsdp2.yaml', env=PROTO)
+               '--set', 'checkpoint.export=false', config='fsdp2.yaml')
     assert r.returncode == 0, r.stderr[-4000:]
     s = summary(res)
     assert s['resumed_from'] is not None and s['step'] == 4
@@ -456,22 +452,28 @@ def test_fsdp2_resume_is_exact(fsdp2_run, work, data_dir, cache):
 
 
 @SLOW
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason='nbs/46: `trained` holds the pre-FSDP2 parameters; '
-                   "accelerate's clip_grad_norm_ compares them with the DTensors and raises (P1)")
-def test_fsdp2_current_trainer(work, data_dir, cache):
-    out = work / 'fsdp2_today'
-    r = launch(write_config(work / 'fsdp2_today.toml', data_dir, out, cache, steps=2, every=0), config='fsdp2.yaml')
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_fsdp1_trains_validates_exports(work, data_dir, cache, ddp_run):
+    "FSDP1 (EMA off: refused, below): trains like DDP, validates and exports the gathered weights on the main process."
+    out = work / 'fsdp1'
+    r = launch(write_config(work / 'fsdp1.toml', data_dir, out, cache), '--set', 'ema.enabled=false', config='fsdp1.yaml')
+    assert r.returncode == 0, r.stderr[-4000:]
+    c = summary(out)['param_checksums']
+    assert c[0] == c[1] and close(c, summary(ddp_run[0])['param_checksums'], rel=1e-6)
+    assert (out / 'samples' / 'step-00000004.png').exists()      # the final validation ran, on the gathered copy
+    from safetensors import safe_open
+    with safe_open(str(out / 'export' / 'model.safetensors'), 'pt') as f:
+        assert {'v_pred', 'ztsnr'} <= set(f.keys()) and f.metadata()['ztsnr_nb.ema'] == 'False'
+        unet = {k: f.get_tensor(k) for k in f.keys() if k.startswith('model.diffusion_model.')}
+    assert close(checksum(unet), c[0], rel=1e-6)
 
 
 @SLOW
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason='nbs/46: validation and export run the sharded UNet on '
-                   'the main process only (a 1-D shard as a weight matrix); the EMA keeps rank 0 shards (P2, P4)')
-def test_fsdp1_current_trainer(work, data_dir, cache):
-    out = work / 'fsdp1_today'
-    r = launch(write_config(work / 'fsdp1_today.toml', data_dir, out, cache, steps=2, every=0), config='fsdp1.yaml')
-    assert (out / 'metrics.jsonl').exists() and len(losses(out)) == 2     # it does train (and checkpoints) ...
-    assert r.returncode == 0, r.stderr[-2000:]                             # ... but fails at the end
+def test_fsdp1_refuses_the_ema(work, data_dir, cache):
+    "With the EMA on, FSDP1 stops before training with one line naming the key and the fix (exit 2)."
+    out = work / 'fsdp1_ema'
+    r = launch(write_config(work / 'fsdp1_ema.toml', data_dir, out, cache, steps=2, every=0), config='fsdp1.yaml')
+    assert r.returncode != 0 and 'ema.enabled = true does not run under FSDP1' in r.stderr, r.stderr[-3000:]
+    assert not (out / 'metrics.jsonl').exists()
 
 
 # ------------------------------------------------------------------- DeepSpeed ZeRO on CPU (gloo)
@@ -488,21 +490,11 @@ DS = pytest.mark.skipif(bool(_DS_WHY), reason=_DS_WHY or 'DeepSpeed is ready')
 
 @pytest.fixture(scope='module')
 def zero2_run(work, data_dir, cache):
-    "DeepSpeed ZeRO-2 on 2 CPU processes (shim + the proposed plugin fill), 4 steps, checkpoints at 2 and 4."
+    "DeepSpeed ZeRO-2 on 2 CPU processes (through the shim), 4 steps, checkpoints at 2 and 4."
     out = work / 'zero2'
     r = launch(write_config(work / 'zero2.toml', data_dir, out, cache), '--set', 'checkpoint.export=false',
-               config='deepspeed_zero2.yaml', env=PROTO)
+               config='deepspeed_zero2.yaml')
     return out, r
-
-
-@SLOW
-@DS
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="nbs/46: accelerate cannot fill DeepSpeed's "
-                   'train_micro_batch_size_per_gpu (the trainer prepares no DataLoader): ValueError in prepare (P5)')
-def test_deepspeed_current_trainer(work, data_dir, cache):
-    out = work / 'zero2_today'
-    r = launch(write_config(work / 'zero2_today.toml', data_dir, out, cache, steps=2, every=0), config='deepspeed_zero2.yaml')
-    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @SLOW
@@ -526,7 +518,7 @@ def test_deepspeed_zero2_resume_is_exact(zero2_run, work, data_dir, cache):
     assert r.returncode == 0, r.stderr[-4000:]
     res = seed_from(out, 2, work / 'zero2_resumed')
     r = launch(write_config(work / 'zero2_resumed.toml', data_dir, res, cache), '--resume', 'latest',
-               '--set', 'checkpoint.export=false', config='deepspeed_zero2.yaml', env=PROTO)
+               '--set', 'checkpoint.export=false', config='deepspeed_zero2.yaml')
     assert r.returncode == 0, r.stderr[-4000:]
     assert summary(res)['param_checksums'] == summary(out)['param_checksums'] and losses(res) == losses(out)[2:]
 
@@ -534,13 +526,13 @@ def test_deepspeed_zero2_resume_is_exact(zero2_run, work, data_dir, cache):
 @SLOW
 @DS
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason='DeepSpeed: ZeRO optimizer partitions are tied to the '
-                   'world size ("Automatic adjustment ... not currently supported"); needs a DeepSpeed universal checkpoint (not prototyped)')
+                   'world size ("Automatic adjustment ... not currently supported"); needs a DeepSpeed universal checkpoint (not done)')
 def test_deepspeed_zero2_two_to_one(zero2_run, work, data_dir, cache):
     out, r = zero2_run
     assert r.returncode == 0, r.stderr[-4000:]
     res = seed_from(out, 2, work / 'zero2_on_one')
     r = launch(write_config(work / 'zero2_on_one.toml', data_dir, res, cache), '--resume', 'latest', '--max-steps', '6',
-               '--set', 'checkpoint.export=false', config='deepspeed_zero2.yaml', procs=1, env=PROTO)
+               '--set', 'checkpoint.export=false', config='deepspeed_zero2.yaml', procs=1)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -549,7 +541,7 @@ def test_deepspeed_zero2_two_to_one(zero2_run, work, data_dir, cache):
 def test_deepspeed_zero3_trains_validates_exports(work, data_dir, cache, ddp_run):
     "ZeRO-3 (EMA off: it would average empty partitions): trains like DDP, gathers for validation and the export."
     out = work / 'zero3'
-    r = launch(write_config(work / 'zero3.toml', data_dir, out, cache), '--set', 'ema.enabled=false', config='deepspeed_zero3.yaml', env=PROTO)
+    r = launch(write_config(work / 'zero3.toml', data_dir, out, cache), '--set', 'ema.enabled=false', config='deepspeed_zero3.yaml')
     assert r.returncode == 0, r.stderr[-4000:]
     c = summary(out)['param_checksums']
     assert c[0] == c[1] and close(c, summary(ddp_run[0])['param_checksums'], rel=1e-6)
@@ -606,18 +598,10 @@ def _assert_exact_remaining(a, b, n_items, new_world, traces):
 
 
 @SLOW
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason='nbs/22: BucketBatchSampler.load_state_dict refuses a '
-                   'state written by another number of processes (P7)')
-def test_ddp_two_to_one_today(work, data_dir, cache):
-    _world_size_change(work, data_dir, cache, 'ws21_today', lambda c, *a, env: launch(c, *a, env=env),
-                       lambda c, *a, env: single(c, *a, env=env), {}, steps_b=12)
-
-
-@SLOW
-def test_ddp_two_to_one_prototype(work, data_dir, cache):
-    "2 processes -> 1 (proposed sampler remap): the rest of the epoch is exactly the samples not yet seen."
+def test_ddp_two_to_one(work, data_dir, cache):
+    "2 processes -> 1 (the sampler re-cuts the epoch): the rest of the epoch is exactly the samples not yet seen."
     out, a, b = _world_size_change(work, data_dir, cache, 'ws21', lambda c, *a, env: launch(c, *a, env=env),
-                                   lambda c, *a, env: single(c, *a, env=env), PROTO, steps_b=12)
+                                   lambda c, *a, env: single(c, *a, env=env), {}, steps_b=12)
     assert {t['world'] for t in a} == {2} and {t['world'] for t in b} == {1}
     assert any(t['epoch'] == 1 for t in b), 'the resumed run did not reach the next epoch'
     ca, cb = _owed_after(a, b)
@@ -626,10 +610,10 @@ def test_ddp_two_to_one_prototype(work, data_dir, cache):
 
 
 @SLOW
-def test_ddp_one_to_two_prototype(work, data_dir, cache):
-    "1 process -> 2 (proposed sampler remap): the rest of the epoch is the unseen samples (+ padding to 2 ranks)."
+def test_ddp_one_to_two(work, data_dir, cache):
+    "1 process -> 2 (the sampler re-cuts the epoch): the rest of the epoch is the unseen samples (+ padding to 2 ranks)."
     out, a, b = _world_size_change(work, data_dir, cache, 'ws12', lambda c, *a, env: single(c, *a, env=env),
-                                   lambda c, *a, env: launch(c, *a, env=env), PROTO, steps_b=8)
+                                   lambda c, *a, env: launch(c, *a, env=env), {}, steps_b=8)
     assert {t['world'] for t in a} == {1} and {t['world'] for t in b} == {2}
     assert any(t['epoch'] == 1 for t in b), 'the resumed run did not reach the next epoch'
     ca, cb = _owed_after(a, b)
@@ -639,10 +623,10 @@ def test_ddp_one_to_two_prototype(work, data_dir, cache):
 
 
 @CORE
-def test_fsdp2_two_to_one_prototype(work, data_dir, cache):
+def test_fsdp2_two_to_one(work, data_dir, cache):
     "FSDP2 2 processes -> 1: the sharded checkpoint reshards on load; the sampler continues with the unseen samples."
     fs = lambda procs: (lambda c, *a, env: launch(c, *a, env=env, config='fsdp2.yaml', procs=procs))
-    out, a, b = _world_size_change(work, data_dir, cache, 'ws21_fsdp', fs(2), fs(1), PROTO, steps_b=12)
+    out, a, b = _world_size_change(work, data_dir, cache, 'ws21_fsdp', fs(2), fs(1), {}, steps_b=12)
     assert {t['world'] for t in b} == {1}
     ca, cb = _owed_after(a, b)
     _assert_exact_remaining(ca, cb, _items_per_epoch(data_dir), 1, a + b)

@@ -5,7 +5,9 @@
 # %% ../../nbs/22_data_buckets.ipynb #2d2f2057
 from __future__ import annotations
 
+import copy
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -157,18 +159,18 @@ class BucketBatchSampler:
             items = np.repeat(np.arange(b.size), rep)
         else: items = np.arange(b.size)
         self._items, self._buckets = items, b[items]
-        self.epoch, self._pos, self._resume = 0, 0, 0
+        self.epoch, self._pos, self._resume, self._override = 0, 0, 0, None
         counts = np.bincount(self._buckets, minlength=n_buckets)
         self._per_bucket = [(k, int(n), self.bucket_batch_size(k)) for k, n in enumerate(counts) if n > 0]
         h = hashlib.sha1(np.ascontiguousarray(self._buckets, dtype=np.int64).tobytes())
-        h.update(repr((self.batch_size, self.num_replicas, self.drop_last, self.shuffle, dynamic_pixels, self.bucket_sizes)).encode())
-        self.fingerprint = h.hexdigest()[:16]
+        h.update(repr((self.drop_last, self.shuffle, dynamic_pixels, self.bucket_sizes)).encode())
+        self.fingerprint = h.hexdigest()[:16]     # what the data is; the layout (num_replicas, batch_size) is kept apart
 
     def __len__(self) -> int: return sum(self._n_batches(n, bs) for _, n, bs in self._per_bucket)
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self._resume = self._resume, 0
-        plan, R, r = self.epoch_plan(), self.num_replicas, self.rank
+        plan, R, r = self.current_plan(), self.num_replicas, self.rank
         self._pos = start
         for gb in plan[start:]:
             m = gb.size // R
@@ -220,27 +222,85 @@ def epoch_plan(self: BucketBatchSampler, epoch: int | None = None) -> list[np.nd
 def set_epoch(self: BucketBatchSampler, epoch: int) -> None:
     "Select the epoch (call before each epoch, like DistributedSampler); a pending resume for this epoch is kept."
     epoch = int(epoch)
-    if epoch != self.epoch: self._resume, self._pos = 0, 0
+    if epoch != self.epoch: self._resume, self._pos, self._override = 0, 0, None
     self.epoch = epoch
+
+@patch
+def current_plan(self: BucketBatchSampler) -> list[np.ndarray]:
+    "The plan this epoch plays: the epoch plan, or the re-cut plan of an epoch resumed on another layout (below)."
+    ov = self._override
+    return ov[1] if ov is not None and ov[0] == self.epoch else self.epoch_plan()
 
 # %% ../../nbs/22_data_buckets.ipynb #b950cc7e
 @patch
+def _layout(self: BucketBatchSampler) -> tuple[int, int]: return (self.num_replicas, self.batch_size)
+
+@patch
 def state_dict(self: BucketBatchSampler, consumed: int | None = None) -> dict:
-    "{'epoch', 'position' (batches done in the epoch; pass consumed= when a DataLoader prefetches), 'seed', 'fingerprint'}."
+    """{'epoch', 'position' (batches done in the epoch; pass consumed= when a DataLoader prefetches), 'seed', 'fingerprint',
+    'num_replicas', 'batch_size'}; in an epoch resumed on another layout also its 'plan' and 'plan_sizes' (int64 arrays)."""
     pos = self._pos if consumed is None else int(consumed)
-    return {'epoch': self.epoch, 'position': pos, 'seed': self.seed, 'fingerprint': self.fingerprint}
+    sd = {'epoch': self.epoch, 'position': pos, 'seed': self.seed, 'fingerprint': self.fingerprint,
+          'num_replicas': self.num_replicas, 'batch_size': self.batch_size}
+    if self._override is not None and self._override[0] == self.epoch:
+        plan = self._override[1]
+        sd['plan'] = np.concatenate(plan).astype(np.int64) if plan else np.zeros(0, np.int64)
+        sd['plan_sizes'] = np.asarray([len(x) for x in plan], dtype=np.int64)
+    return sd
 
 @patch
 def load_state_dict(self: BucketBatchSampler, state: dict) -> None:
-    "Continue from a state_dict(): the next iteration yields the batches the interrupted run had not yet yielded."
+    """Continue from a state_dict(): the next iteration yields the batches the interrupted run had not yet yielded; a
+    state of another layout (number of processes, batch size) continues with the items not yet seen (`recut`)."""
     if state.get('fingerprint') != self.fingerprint:
         raise ValueError(f"state fingerprint {state.get('fingerprint')!r} != this sampler's {self.fingerprint!r}: the bucket "
-                         'assignment, repeats or batch settings changed since the checkpoint; rebuild the sampler with the same data and settings')
+                         'assignment, repeats or bucket settings changed since the checkpoint; rebuild the sampler with the same data and settings')
     if state.get('seed') != self.seed:
         raise ValueError(f"state seed={state.get('seed')!r} != seed={self.seed}: construct the sampler with the checkpoint's seed")
-    pos = int(state['position'])
-    if not 0 <= pos <= len(self): raise ValueError(f'state position={pos} is outside 0..{len(self)} batches per epoch')
-    self.epoch, self._resume, self._pos = int(state['epoch']), pos, pos
+    epoch, pos = int(state['epoch']), int(state['position'])
+    old_layout = (int(state.get('num_replicas', self.num_replicas)), int(state.get('batch_size', self.batch_size)))
+    plan = None
+    if state.get('plan') is not None:
+        flat, sizes = np.asarray(state['plan'], np.int64), np.asarray(state['plan_sizes'], np.int64)
+        plan = np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
+    if plan is None and old_layout == self._layout():                        # the usual case: exact, as written
+        if not 0 <= pos <= len(self): raise ValueError(f'state position={pos} is outside 0..{len(self)} batches per epoch')
+        self.epoch, self._resume, self._pos, self._override = epoch, pos, pos, None
+        return
+    old = plan if plan is not None else self.plan_at(epoch, *old_layout)
+    if not 0 <= pos <= len(old): raise ValueError(f'state position={pos} is outside 0..{len(old)} batches of epoch {epoch}')
+    new = old if old_layout == self._layout() else list(old[:pos]) + self.recut(old[:pos], old[pos:])
+    self.epoch, self._resume, self._pos, self._override = epoch, pos, pos, (epoch, new)
+
+# %% ../../nbs/22_data_buckets.ipynb #17cc0360
+@patch
+def plan_at(self: BucketBatchSampler, epoch: int, num_replicas: int, batch_size: int) -> list[np.ndarray]:
+    "The epoch plan this sampler would have at another layout (same items, seed, buckets)."
+    s = copy.copy(self)
+    s.num_replicas, s.batch_size = _positive_int('num_replicas', num_replicas), _positive_int('batch_size', batch_size)
+    s._per_bucket = [(k, n, s.bucket_batch_size(k)) for k, n, _ in self._per_bucket]
+    return s.epoch_plan(epoch)
+
+@patch
+def recut(self: BucketBatchSampler, done: list[np.ndarray], rest: list[np.ndarray]) -> list[np.ndarray]:
+    "Global batches at this sampler's layout of the items owed after `done` (the epoch's items minus `done`), in `rest`'s order."
+    bucket_of = dict(zip(self._items.tolist(), self._buckets.tolist()))
+    owed = Counter(self._items.tolist()) - Counter(int(i) for b in done for i in b)
+    R, queues, out = self.num_replicas, {}, []
+    size = {k: bs * R for k, _, bs in self._per_bucket}
+    for b in rest:
+        for i in map(int, b):
+            if owed[i] <= 0: continue                      # a padding copy, or already consumed: not owed
+            owed[i] -= 1
+            q = queues.setdefault(bucket_of[i], [])
+            q.append(i)
+            if len(q) == size[bucket_of[i]]: out.append(np.asarray(q, dtype=np.int64)); q.clear()
+    for k, q in queues.items():                            # each bucket's last, short batch
+        if not q or self.drop_last: continue
+        m = -(-len(q) // R) * R
+        pool = np.asarray(q + [i for i in self._items.tolist() if bucket_of[i] == k], dtype=np.int64)
+        out.append(np.resize(pool, m))
+    return out
 
 # %% ../../nbs/22_data_buckets.ipynb #09a84512
 def bucket_records(records, buckets: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'CKPT_PREFIX', 'MANIFEST', 'STATE_FILE', 'CKPT_FORMAT', 'PICKLE_SUFFIXES', 'TrainState', 'checkpoint_dir',
            'list_checkpoints', 'CheckpointError', 'UnsafeCheckpointError', 'trusting_checkpoints', 'find_pickles',
            'split_state', 'join_state', 'write_tensors', 'write_json', 'sha256_file', 'write_manifest',
-           'verify_checkpoint', 'registered_targets', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint',
-           'resolve_resume', 'resume_checkpoint', 'params_finite', 'check_params_finite']
+           'verify_checkpoint', 'registered_targets', 'save_checkpoint', 'deepspeed_safe_globals', 'load_checkpoint',
+           'latest_checkpoint', 'resolve_resume', 'resume_checkpoint', 'params_finite', 'check_params_finite']
 
 # %% ../../nbs/45_training_checkpointing.ipynb #33114570
 @dataclass
@@ -456,12 +456,22 @@ def _legacy_load(acc, path: Path, explicit: bool) -> dict:
     acc.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text(encoding='utf-8'))
 
+def deepspeed_safe_globals() -> list:
+    "The classes DeepSpeed's ZeRO checkpoints pickle besides tensors (found by loading ZeRO-2/3 files with weights_only=True); [] without DeepSpeed."
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError: return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
 @contextmanager
 def _weights_only(force: bool):
-    "torch.load with weights_only=True everywhere inside (for engine shards), unless trusted."
+    "torch.load with weights_only=True everywhere inside (for engine shards; DeepSpeed's 4 classes allowed), unless trusted."
     if not force: yield; return
     old = os.environ.get('TORCH_FORCE_WEIGHTS_ONLY_LOAD'); os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
-    try: yield
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()): yield
     finally:
         if old is None: os.environ.pop('TORCH_FORCE_WEIGHTS_ONLY_LOAD', None)
         else: os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = old

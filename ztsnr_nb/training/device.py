@@ -27,7 +27,8 @@ __all__ = ['log', 'GB', 'RSS_SOURCES', 'COMPILE_MODES', 'ALLOC_ENV', 'FROZEN_COM
            'DeviceReport', 'apply_device_settings', 'is_oom', 'batch_len', 'split_batch', 'batch_key', 'BatchSizeError',
            'OOMController', 'BatchProbe', 'find_batch_size', 'probe_buckets', 'check_adaptive_schedule',
            'make_adaptive_optimizer', 'has_weight_modes', 'set_weight_mode', 'eval_weights', 'unet_flops_breakdown',
-           'unet_forward_flops', 'peak_bf16_flops', 'training_step_flops', 'mfu']
+           'unet_forward_flops', 'peak_bf16_flops', 'training_step_flops', 'mfu', 'fsdp_version', 'zero_stage',
+           'sharded_weights', 'unwrapped_name', 'deepspeed_config', 'deepspeed_problems', 'fill_deepspeed_plugin']
 
 # %% ../../nbs/44_training_device.ipynb #07ad4117
 log = logging.getLogger(__name__)
@@ -589,3 +590,87 @@ def mfu(flops_per_step: float, step_seconds: float, peak_flops: float) -> float:
     "Achieved FLOP/s as a fraction of the peak."
     if step_seconds <= 0 or peak_flops <= 0: raise ValueError(f"mfu needs step_seconds > 0 and peak_flops > 0, got {step_seconds}, {peak_flops}")
     return flops_per_step / step_seconds / peak_flops
+
+# %% ../../nbs/44_training_device.ipynb #a24e2d99
+def fsdp_version(acc) -> int:
+    "0 when `acc` does not run FSDP, else its FSDP version (1 or 2)."
+    from accelerate.utils import DistributedType
+    if acc.distributed_type != DistributedType.FSDP: return 0
+    return 2 if getattr(acc, 'is_fsdp2', False) else 1
+
+def zero_stage(acc) -> int | None:
+    "The DeepSpeed ZeRO stage `acc` runs (0-3), None when it does not run DeepSpeed."
+    from accelerate.utils import DistributedType
+    if acc.distributed_type != DistributedType.DEEPSPEED: return None
+    return int(acc.state.deepspeed_plugin.zero_stage)
+
+def sharded_weights(acc) -> bool:
+    "Whether no process holds the whole trained weights (FSDP, ZeRO-3): gather before validating or exporting."
+    return bool(fsdp_version(acc)) or zero_stage(acc) == 3
+
+def unwrapped_name(name: str) -> str:
+    "A parameter name without FSDP1's and activation checkpointing's wrapper segments (what the plain model calls it)."
+    return name.replace('_fsdp_wrapped_module.', '').replace('_checkpoint_wrapped_module.', '')
+
+# %% ../../nbs/44_training_device.ipynb #c207dbc1
+def deepspeed_config(cfg, num_processes: int, zero_stage: int = 2, offload_optimizer: str = 'none',
+                     offload_param: str = 'none', mixed_precision: str | None = None) -> dict:
+    "The DeepSpeed config a TrainConfig implies (`mixed_precision`: the one the run uses, default optim.mixed_precision)."
+    o, d = cfg.optim, cfg.data
+    mp = mixed_precision or o.mixed_precision
+    if zero_stage not in (0, 1, 2, 3): raise ValueError(f'zero_stage={zero_stage!r}: use 0, 1, 2 or 3')
+    for name, dev in (('offload_optimizer', offload_optimizer), ('offload_param', offload_param)):
+        if dev not in ('none', 'cpu', 'nvme'): raise ValueError(f"{name}={dev!r}: use 'none', 'cpu' or 'nvme'")
+    if offload_param != 'none' and zero_stage != 3: raise ValueError('offload_param needs zero_stage = 3')
+    zero = {'stage': zero_stage, 'overlap_comm': True, 'contiguous_gradients': True, 'reduce_scatter': True,
+            'offload_optimizer': {'device': offload_optimizer, 'pin_memory': offload_optimizer == 'cpu'}}
+    if zero_stage == 3:
+        zero.update(offload_param={'device': offload_param, 'pin_memory': offload_param == 'cpu'},
+                    stage3_gather_16bit_weights_on_model_save=True)   # export and validation need whole weights
+    return {'train_micro_batch_size_per_gpu': d.batch_size, 'gradient_accumulation_steps': o.grad_accum,
+            'train_batch_size': d.batch_size * o.grad_accum * num_processes,
+            'gradient_clipping': float(o.max_grad_norm),      # 0 = off, in DeepSpeed as in optim.max_grad_norm
+            'bf16': {'enabled': mp == 'bf16'}, 'fp16': {'enabled': mp == 'fp16', 'loss_scale': 0, 'initial_scale_power': 16},
+            'zero_optimization': zero,
+            'zero_allow_untested_optimizer': True,      # our torch optimizer (ZeRO-Offload wants DeepSpeedCPUAdam instead)
+            'steps_per_print': 2 ** 31 - 1, 'wall_clock_breakdown': False}
+
+# %% ../../nbs/44_training_device.ipynb #ffb91213
+def deepspeed_problems(ds: dict, cfg, num_processes: int, mixed_precision: str | None = None) -> list[str]:
+    "What in a DeepSpeed config `ds` disagrees with the TrainConfig (empty: consistent); 'auto' values agree."
+    o, d, out = cfg.optim, cfg.data, []
+    mp = mixed_precision or o.mixed_precision
+    def bad(key, have, want, fix): out.append(f'deepspeed {key} = {have!r} but {fix} = {want!r}: make them equal')
+    gas = ds.get('gradient_accumulation_steps', 1)
+    if gas not in ('auto', o.grad_accum): bad('gradient_accumulation_steps', gas, o.grad_accum, 'optim.grad_accum')
+    clip = ds.get('gradient_clipping', 'auto')
+    if clip != 'auto' and float(clip) != float(o.max_grad_norm): bad('gradient_clipping', clip, o.max_grad_norm, 'optim.max_grad_norm')
+    mb = ds.get('train_micro_batch_size_per_gpu', 'auto')
+    if mb not in ('auto', d.batch_size): bad('train_micro_batch_size_per_gpu', mb, d.batch_size, 'data.batch_size')
+    tb, want_tb = ds.get('train_batch_size', 'auto'), d.batch_size * o.grad_accum * num_processes
+    if tb not in ('auto', want_tb): bad('train_batch_size', tb, want_tb, 'data.batch_size x optim.grad_accum x processes')
+    for k in ('bf16', 'fp16'):
+        have = (ds.get(k) or {}).get('enabled', False)
+        if have not in ('auto', mp == k): bad(f'{k}.enabled', have, mp == k, f"(mixed precision == '{k}')")
+    if (ds.get('zero_optimization') or {}).get('offload_optimizer', {}).get('device', 'none') not in ('none', None) \
+            and o.optimizer != 'adamw':
+        out.append(f"deepspeed offload_optimizer runs DeepSpeedCPUAdam: optim.optimizer = {o.optimizer!r} cannot be offloaded; use 'adamw'")
+    if d.auto_micro_batch:
+        out.append('data.auto_micro_batch = true splits batches into a varying number of backward passes; DeepSpeed counts '
+                   'gradient_accumulation_steps backward passes per step: set data.auto_micro_batch = false')
+    return out
+
+def fill_deepspeed_plugin(plugin, cfg, num_processes: int, mixed_precision: str | None = None) -> dict:
+    "Make accelerate's DeepSpeed plugin agree with `cfg` before `prepare`: refuse what disagrees, fill the 'auto' values."
+    ds = plugin.deepspeed_config
+    problems = [p for p in deepspeed_problems(ds, cfg, num_processes, mixed_precision)
+                if not p.startswith('data.auto_micro_batch')]       # the trainer turns OOM splitting off under DeepSpeed
+    if problems: raise ValueError('; '.join(problems))
+    want = deepspeed_config(cfg, num_processes, zero_stage=int(ds.get('zero_optimization', {}).get('stage', 2)),
+                            mixed_precision=mixed_precision)
+    for k in ('train_micro_batch_size_per_gpu', 'train_batch_size', 'gradient_accumulation_steps', 'gradient_clipping'):
+        if ds.get(k, 'auto') == 'auto': ds[k] = want[k]
+    for k in ('bf16', 'fp16'):
+        if (ds.get(k) or {}).get('enabled', 'auto') == 'auto': ds.setdefault(k, {})['enabled'] = want[k]['enabled']
+    ds['zero_allow_untested_optimizer'] = True
+    return ds

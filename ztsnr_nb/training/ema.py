@@ -11,7 +11,7 @@ import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['ema_decay', 'EMA']
+__all__ = ['ema_decay', 'EMA', 'full_tensor']
 
 # %% ../../nbs/42_training_ema.ipynb #5275f054
 def ema_decay(step: int, max_decay: float = 0.9999, min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
@@ -81,8 +81,8 @@ def swapped(self: EMA, model: torch.nn.Module):
 
 @patch
 def state_dict(self: EMA) -> dict:
-    "Everything needed to resume the EMA exactly."
-    return dict(names=list(self.names), shadow=[s.detach().cpu() for s in self.shadow], updates=self.updates,
+    "Everything needed to resume the EMA exactly; sharded (DTensor) averages as whole tensors (a collective under FSDP2)."
+    return dict(names=list(self.names), shadow=[full_tensor(s).detach().cpu() for s in self.shadow], updates=self.updates,
                 last_step=self.last_step, config=dict(max_decay=self.max_decay, min_decay=self.min_decay,
                 inv_gamma=self.inv_gamma, power=self.power, interval=self.interval))
 
@@ -91,6 +91,19 @@ def load_state_dict(self: EMA, sd: dict):
     "Restore from `state_dict()`; the parameter names must match."
     if list(sd['names']) != self.names:
         raise ValueError("EMA state does not match this model's parameters (different architecture or trained modules)")
-    for s, v in zip(self.shadow, sd['shadow']): s.copy_(v)
+    for s, v in zip(self.shadow, sd['shadow']): s.copy_(_like(s, v))
     self.updates, self.last_step = sd['updates'], sd['last_step']
     for k, v in sd['config'].items(): setattr(self, k, v)
+
+# %% ../../nbs/42_training_ema.ipynb #b40dc879
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    "The whole tensor of a DTensor (a collective: every process must call it), else `t` itself."
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def _like(target: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    "`whole` as `target` is laid out: this process's shard of it when `target` is a DTensor, else `whole` on target's device."
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    whole = whole.to(target.device, target.dtype)
+    if not isinstance(target, DTensor): return whole
+    return distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None)   # every process holds `whole`

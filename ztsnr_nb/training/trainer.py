@@ -27,19 +27,20 @@ from ..data.dataset import build_train_data, endless_batches
 from ..data.latent_cache import bytes_digest, module_digest
 from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from .loss import LossOutput, diffusion_loss, sample_t_and_noise
-from .ema import EMA
+from .ema import EMA, full_tensor
 from .posthoc_ema import POSTHOC_DIR, PostHocEMA
 from .device import (ADAPTIVE_OPTIMIZERS, MemoryTracker, OOMController, apply_device_settings, batch_key,
                                       batch_len, borrowed, check_adaptive_schedule, configure_allocator, empty_cache,
-                                      eval_weights, make_adaptive_optimizer, offload_frozen, probe_buckets)
+                                      eval_weights, fill_deepspeed_plugin, fsdp_version, make_adaptive_optimizer,
+                                      offload_frozen, probe_buckets, sharded_weights, unwrapped_name, zero_stage)
 from ..models.checkpoint import NonFiniteWeightsError
 from .checkpointing import (TrainState, check_params_finite, latest_checkpoint, resolve_resume,
                                              resume_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['log', 'make_optimizer', 'make_lr_scheduler', 'load_models', 'apply_attention_config', 'token_downsampled',
-           'step_generator', 'NonFiniteLossError', 'Trainer', 'AdapterState', 'git_commit', 'config_hash',
-           'data_fingerprint', 'apply_delta', 'moving_average']
+__all__ = ['log', 'make_optimizer', 'make_lr_scheduler', 'load_models', 'whole_models', 'apply_attention_config',
+           'token_downsampled', 'step_generator', 'NonFiniteLossError', 'Trainer', 'AdapterState', 'git_commit',
+           'config_hash', 'data_fingerprint', 'apply_delta', 'moving_average']
 
 # %% ../../nbs/46_training_trainer.ipynb #5e6e089b
 log = logging.getLogger(__name__)
@@ -84,6 +85,17 @@ def load_models(c: ModelConfig) -> SDXLComponents:
         if c.train_text_encoder:
             for k in ('text_encoder', 'text_encoder_2'): set_gradient_checkpointing(getattr(comps, k), True)
     return comps
+
+# %% ../../nbs/46_training_trainer.ipynb #f2319534
+@contextmanager
+def whole_models(acc):
+    "Context: transformers builds models whole even when `acc` runs ZeRO-3 (it would partition them inside zero.Init)."
+    if zero_stage(acc) != 3: yield; return
+    from transformers.integrations import unset_hf_deepspeed_config
+    plugin = acc.state.deepspeed_plugin
+    unset_hf_deepspeed_config()
+    try: yield
+    finally: plugin.set_deepspeed_weakref()
 
 # %% ../../nbs/46_training_trainer.ipynb #49ded139
 def apply_attention_config(unet, c: ModelConfig):
@@ -132,7 +144,7 @@ class Trainer:
                                               log_with=trackers, cpu=not torch.cuda.is_available(),
                                               project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / 'logs')))
         self.schedule = NoiseSchedule.sdxl(ztsnr=cfg.model.ztsnr)
-        self.models = models or load_models(cfg.model)
+        with whole_models(self.acc): self.models = models or load_models(cfg.model)
         self._data_arg, self.data = data, (None if callable(data) else data)
         self.state = TrainState()
         self.memory = MemoryTracker(self.acc.device)
@@ -161,7 +173,9 @@ def _setup(self: Trainer, stage: int = 0):
     self.stage = stage
     if self.data is None or stage: self.data = self._build_data(stage)
     self._after_caching()
-    self.oom = OOMController(cfg.data.batch_size, cfg.optim.grad_accum, cfg.data.min_micro_batch, enabled=cfg.data.auto_micro_batch,
+    split = cfg.data.auto_micro_batch and zero_stage(acc) is None   # DeepSpeed counts a fixed number of backward passes
+    if cfg.data.auto_micro_batch and not split: log.info("DeepSpeed: data.auto_micro_batch is off (the engine counts grad_accum backward passes per step)")
+    self.oom = OOMController(cfg.data.batch_size, cfg.optim.grad_accum, cfg.data.min_micro_batch, enabled=split,
                              num_processes=acc.num_processes)
     self.tag_tracker = self._make_tag_tracker()
     self.stateful = self._stateful()                         # what a checkpoint holds besides models and optimizer
@@ -209,11 +223,17 @@ def _param_groups(self: Trainer) -> list[dict]:
 def _prepare(self: Trainer):
     "Hand the modules that train and the optimizer to accelerate; `live` is what the forward pass runs through."
     acc, m = self.acc, self.models
+    self._check_engine()
+    if zero_stage(acc) is not None:      # DeepSpeed reads its batch/clipping/precision in prepare: make them the config's
+        fill_deepspeed_plugin(acc.state.deepspeed_plugin, self.cfg, acc.num_processes, acc.mixed_precision)
     parts = [k for k in ('unet', 'text_encoder', 'text_encoder_2') if any(p.requires_grad for p in getattr(m, k).parameters())]
     *wrapped, self.opt = acc.prepare(*[getattr(m, k) for k in parts], self.opt)
     self.prepared = dict(zip(parts, wrapped))
     self.unet = self.prepared.get('unet', m.unet)
     self.live = m.replace(**{k: v for k, v in self.prepared.items() if k != 'unet'})   # self.models stays unwrapped
+    if fsdp_version(acc):   # FSDP2 replaced the parameters by DTensors, FSDP1 by flat shards: `trained` must follow
+        self.trained = {f'{k}.{unwrapped_name(n)}': p for k, mod in self.prepared.items()
+                        for n, p in mod.named_parameters() if p.requires_grad}
 
 @patch
 def _checkpoint_models(self: Trainer) -> dict:
@@ -228,6 +248,24 @@ def _no_sync(self: Trainer):
     if self.acc.num_processes > 1:
         for mod in self.prepared.values(): es.enter_context(self.acc.no_sync(mod))
     return es
+
+# %% ../../nbs/46_training_trainer.ipynb #6fa68827
+@patch
+def _check_engine(self: Trainer):
+    "Refuse, before `prepare`, what the accelerator's sharding engine cannot run (ValueError naming the key and the fix)."
+    acc, cfg = self.acc, self.cfg
+    v, z = fsdp_version(acc), zero_stage(acc)
+    if not v and z is None: return
+    name, bad = (f'FSDP{v}' if v else f'DeepSpeed ZeRO-{z}'), []
+    if sharded_weights(acc):
+        if self.lora is not None: bad.append(('lora.enabled = true', 'adapters are small: train them with DDP (--multi_gpu)'))
+        if self.train_te: bad.append(('model.train_text_encoder = true', 'use DDP or DeepSpeed ZeRO-2, or train the UNet only'))
+        if cfg.checkpoint.export_delta: bad.append(('checkpoint.export_delta = true', 'set checkpoint.export_delta = false'))
+        if cfg.ema.posthoc: bad.append(('ema.posthoc = true', 'use DDP or DeepSpeed ZeRO-2, or set ema.posthoc = false'))
+    if cfg.ema.enabled and (v == 1 or z == 3):
+        bad.append(('ema.enabled = true', 'its average would hold shards that are flat (FSDP1) or empty (ZeRO-3): '
+                    'use fsdp_version: 2 or ZeRO-2, or set ema.enabled = false'))
+    if bad: raise ValueError(f"{bad[0][0]} does not run under {name}: {bad[0][1]}")
 
 # %% ../../nbs/46_training_trainer.ipynb #1f70bd86
 @patch
@@ -722,8 +760,16 @@ def _probe_batch_sizes(self: Trainer) -> dict:
 @patch
 @torch.no_grad()
 def param_checksums(self: Trainer) -> list[list[float]]:
-    "Per process (sum, sum of squares) of the trained weights: equal rows mean the processes are in sync."
-    ps = [p.detach().double() for p in self.trained.values()]
+    "Per process (sum, sum of squares) of the whole trained weights (gathered under FSDP/ZeRO-3): equal rows mean in sync."
+    v, ts = fsdp_version(self.acc), list(self.trained.values())
+    if zero_stage(self.acc) == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(ts, modifier_rank=None): ps = [p.detach().double().clone() for p in ts]
+    elif v == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        with FSDP.summon_full_params(self.unet, writeback=False):
+            ps = [p.detach().double().clone() for p in self.unet.parameters() if p.requires_grad]
+    else: ps = [full_tensor(p).detach().double() for p in ts]      # FSDP2: a collective per DTensor
     c = torch.stack([sum(p.sum() for p in ps), sum((p * p).sum() for p in ps)]).view(1, 2).to(self.acc.device)
     return self.acc.gather(c).cpu().tolist()
 
@@ -762,8 +808,9 @@ def plot_losses(self: Trainer) -> Path:
 # %% ../../nbs/46_training_trainer.ipynb #f917646d
 @patch
 @contextmanager
-def _eval_weights(self: Trainer, use_ema: bool = True):
+def _eval_weights(self: Trainer, use_ema: bool = True, gathered=None):
     "Context: the unwrapped UNet with the evaluation weights (schedule-free's average, then the EMA when on and asked)."
+    if gathered is not None: yield gathered; return        # sharded weights: the plain copy `_gather_unet` made
     base = self.acc.unwrap_model(self.unet)
     with eval_weights(self.opt):
         if use_ema and self.ema is not None:
@@ -811,17 +858,45 @@ def sample_grid(self: Trainer, unet):
     grid = image_grid([im for row in per_prompt for im in row], [p for p in v.prompts for _ in range(v.seeds)], cols=v.seeds)
     return grid, {p: sum(map(mean_brightness, ims)) / len(ims) for p, ims in zip(v.prompts, per_prompt)}
 
+# %% ../../nbs/46_training_trainer.ipynb #3d26294b
+@patch
+@torch.no_grad()
+def _gather_unet(self: Trainer, use_ema: bool):
+    "Collective (every process calls it): the whole evaluation weights; on the main process a plain UNet holding them, else None."
+    acc = self.acc
+    if not sharded_weights(acc): return None
+    base = acc.unwrap_model(self.unet)
+    with eval_weights(self.opt):
+        if fsdp_version(acc) == 2:
+            ema = dict(zip(self.ema.names, self.ema.shadow)) if (use_ema and self.ema is not None) else {}
+            sd = {n: full_tensor(ema.get(f'unet.{n}', t)).detach().float().cpu() for n, t in base.state_dict().items()}
+        elif fsdp_version(acc) == 1:                      # every process unshards; accelerate's rank-0 state dict crashes on CPU
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            with FSDP.summon_full_params(self.unet, writeback=False):
+                sd = {unwrapped_name(n): p.detach().float().cpu().clone() for n, p in self.unet.named_parameters()}
+        else: sd = acc.get_state_dict(self.unet)         # ZeRO-3: consolidated on the main process (None elsewhere)
+    if not acc.is_main_process: return None
+    sd = {unwrapped_name(k): t for k, t in sd.items()}
+    cls = next(c for c in type(base).__mro__ if c.__module__.startswith('diffusers.'))   # the plain diffusers class
+    plain = cls.from_config(base.config)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    params = dict(plain.named_parameters())
+    if unexpected or any(k in params for k in missing):   # buffers may be absent: the plain model's own are the same
+        raise RuntimeError(f"gathered UNet weights do not fit {cls.__name__}: missing {[k for k in missing if k in params][:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return plain.to(acc.device).eval()
+
 # %% ../../nbs/46_training_trainer.ipynb #b5ccc311
 @patch
 def validate(self: Trainer) -> dict:
     "Sample grid (fixed seeds, evaluation weights, the config's sampler) and validation loss; logged and saved."
     acc, cfg, st = self.acc, self.cfg, self.state
     acc.wait_for_everyone()
-    result = {}
+    result, gathered = {}, self._gather_unet(use_ema=True)
     if acc.is_main_process:
         if cfg.device.empty_cache: empty_cache('training → validation')
         self.unet.eval()
-        with self._frozen_on_device(), self._eval_weights() as unet:
+        with self._frozen_on_device(), self._eval_weights(gathered=gathered) as unet:
             result.update(self.validation_loss(unet))
             grid, means = self.sample_grid(unet)
         self.unet.train()
@@ -857,11 +932,11 @@ def export(self: Trainer) -> dict:
     "Full fine-tune: diffusers folder + single file (+ delta); LoRA: diffusers LoRA, kohya file (+ merged); EMA weights by default."
     acc, cfg = self.acc, self.cfg
     acc.wait_for_everyone()
-    res = {}
+    use_ema = cfg.checkpoint.export_ema and self.ema is not None
+    res, gathered = {}, self._gather_unet(use_ema)
     if acc.is_main_process:
         d = self.out / 'export'; d.mkdir(parents=True, exist_ok=True)
-        use_ema = cfg.checkpoint.export_ema and self.ema is not None
-        with self._eval_weights(use_ema) as unet:
+        with self._eval_weights(use_ema, gathered) as unet:
             comps, md = self.models.replace(unet=unet), self.export_metadata(use_ema)
             res = self._export_lora(d, comps, md) if self.lora is not None else self._export_full(d, comps, md)
             if self.head_pruning is not None:                 # the pruning travels with the model it was trained with
