@@ -337,9 +337,9 @@ def test_accelerate_ignores_fsdp_on_cpu(work):
 
 @pytest.fixture(scope='module')
 def ddp_run(work, data_dir, cache):
-    "2-process DDP, 4 steps, checkpoints at 2 and 4: the reference FSDP must match."
+    "2-process DDP, 4 steps, checkpoints at 2 and 4, export at the end: the reference FSDP must match."
     out = work / 'ddp'
-    r = launch(write_config(work / 'ddp.toml', data_dir, out, cache), '--set', 'checkpoint.export=false')
+    r = launch(write_config(work / 'ddp.toml', data_dir, out, cache))
     return out, r
 
 
@@ -358,6 +358,20 @@ def test_ddp_reference(ddp_run):
     assert r.returncode == 0, r.stderr[-4000:]
     c = summary(out)['param_checksums']
     assert len(c) == 2 and c[0] == c[1]
+    from safetensors import safe_open
+    with safe_open(str(out / 'export' / 'model.safetensors'), 'pt') as f:
+        assert {'v_pred', 'ztsnr'} <= set(f.keys()) and f.metadata()['ztsnr_nb.ema'] == 'True'
+
+
+@SLOW
+def test_ddp_resume_is_exact(ddp_run, work, data_dir, cache):
+    "Resumed from its step-2 checkpoint on 2 processes, DDP ends bit-identical to the uninterrupted run."
+    out, r = ddp_run
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = seed_from(out, 2, work / 'ddp_resumed')
+    r = launch(write_config(work / 'ddp_resumed.toml', data_dir, res, cache), '--resume', 'latest', '--set', 'checkpoint.export=false')
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert summary(res)['param_checksums'] == summary(out)['param_checksums'] and losses(res) == losses(out)[2:]
 
 
 def tiny_init_checksum() -> list[float]:
