@@ -118,6 +118,17 @@ def seed_from(src: Path, step: int, dst: Path) -> Path:
     return dst
 
 
+def assert_resume_is_exact(out: Path, name: str, work: Path, data_dir: Path, cache: Path, *cli, config=None):
+    "Resume run `out` from its step-2 checkpoint in a fresh folder (same engine): it must end bit-identical to the run."
+    res = seed_from(out, 2, work / name)
+    r = launch(write_config(work / f'{name}.toml', data_dir, res, cache), '--resume', 'latest', *cli,
+               '--set', 'checkpoint.export=false', config=config)
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = summary(res)
+    assert s['resumed_from'] is not None and s['step'] == 4
+    assert s['param_checksums'] == summary(out)['param_checksums'] and losses(res) == losses(out)[2:]
+
+
 def merged_unet(ck: Path, tmp: Path) -> dict:
     "The full UNet state dict of a sharded FSDP checkpoint, merged on one process by accelerate (no GPUs, no launcher)."
     from accelerate.utils import merge_fsdp_weights
@@ -368,10 +379,7 @@ def test_ddp_resume_is_exact(ddp_run, work, data_dir, cache):
     "Resumed from its step-2 checkpoint on 2 processes, DDP ends bit-identical to the uninterrupted run."
     out, r = ddp_run
     assert r.returncode == 0, r.stderr[-4000:]
-    res = seed_from(out, 2, work / 'ddp_resumed')
-    r = launch(write_config(work / 'ddp_resumed.toml', data_dir, res, cache), '--resume', 'latest', '--set', 'checkpoint.export=false')
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert summary(res)['param_checksums'] == summary(out)['param_checksums'] and losses(res) == losses(out)[2:]
+    assert_resume_is_exact(out, 'ddp_resumed', work, data_dir, cache)
 
 
 def tiny_init_checksum() -> list[float]:
@@ -455,14 +463,7 @@ def test_fsdp2_resume_is_exact(fsdp2_run, work, data_dir, cache):
     "Resumed from its step-2 checkpoint on 2 processes, FSDP2 ends bit-identical to the uninterrupted run."
     out, r, _ = fsdp2_run
     assert r.returncode == 0, r.stderr[-4000:]
-    res = seed_from(out, 2, work / 'fsdp2_resumed')
-    r = launch(write_config(work / 'fsdp2_resumed.toml', data_dir, res, cache), '--resume', 'latest',
-               '--set', 'checkpoint.export=false', config='fsdp2.yaml')
-    assert r.returncode == 0, r.stderr[-4000:]
-    s = summary(res)
-    assert s['resumed_from'] is not None and s['step'] == 4
-    assert s['param_checksums'] == summary(out)['param_checksums']
-    assert losses(res) == losses(out)[2:]
+    assert_resume_is_exact(out, 'fsdp2_resumed', work, data_dir, cache, config='fsdp2.yaml')
 
 
 @SLOW
@@ -530,11 +531,7 @@ def test_deepspeed_zero2_resume_is_exact(zero2_run, work, data_dir, cache):
     "Resumed from step 2 (engine files loaded with weights_only=True and 4 allowed DeepSpeed classes): identical end."
     out, r = zero2_run
     assert r.returncode == 0, r.stderr[-4000:]
-    res = seed_from(out, 2, work / 'zero2_resumed')
-    r = launch(write_config(work / 'zero2_resumed.toml', data_dir, res, cache), '--resume', 'latest',
-               '--set', 'checkpoint.export=false', config='deepspeed_zero2.yaml')
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert summary(res)['param_checksums'] == summary(out)['param_checksums'] and losses(res) == losses(out)[2:]
+    assert_resume_is_exact(out, 'zero2_resumed', work, data_dir, cache, config='deepspeed_zero2.yaml')
 
 
 @SLOW
@@ -550,12 +547,19 @@ def test_deepspeed_zero2_two_to_one(zero2_run, work, data_dir, cache):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@SLOW
-@DS
-def test_deepspeed_zero3_trains_validates_exports(work, data_dir, cache, ddp_run):
-    "ZeRO-3 (EMA off: it would average empty partitions): trains like DDP, gathers for validation and the export."
+@pytest.fixture(scope='module')
+def zero3_run(work, data_dir, cache):
+    "DeepSpeed ZeRO-3 on 2 CPU processes, EMA off (refused: it would average empty partitions), 4 steps, export at the end."
     out = work / 'zero3'
     r = launch(write_config(work / 'zero3.toml', data_dir, out, cache), '--set', 'ema.enabled=false', config='deepspeed_zero3.yaml')
+    return out, r
+
+
+@SLOW
+@DS
+def test_deepspeed_zero3_trains_validates_exports(zero3_run, ddp_run):
+    "ZeRO-3: trains like DDP, gathers for validation and the export."
+    out, r = zero3_run
     assert r.returncode == 0, r.stderr[-4000:]
     c = summary(out)['param_checksums']
     assert c[0] == c[1] and close(c, summary(ddp_run[0])['param_checksums'], rel=1e-6)
@@ -564,6 +568,15 @@ def test_deepspeed_zero3_trains_validates_exports(work, data_dir, cache, ddp_run
         assert {'v_pred', 'ztsnr'} <= set(f.keys()) and f.metadata()['ztsnr_nb.ema'] == 'False'
         unet = {k: f.get_tensor(k) for k in f.keys() if k.startswith('model.diffusion_model.')}
     assert close(checksum(unet), c[0], rel=1e-6)               # the export holds the gathered trained weights
+
+
+@SLOW
+@DS
+def test_deepspeed_zero3_resume_is_exact(zero3_run, work, data_dir, cache):
+    "Resumed from step 2 (partitioned engine files), ZeRO-3 ends bit-identical to the uninterrupted run."
+    out, r = zero3_run
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_resume_is_exact(out, 'zero3_resumed', work, data_dir, cache, '--set', 'ema.enabled=false', config='deepspeed_zero3.yaml')
 
 
 # ------------------------------------------------------------------- world-size changes

@@ -163,8 +163,11 @@ class BucketBatchSampler:
         counts = np.bincount(self._buckets, minlength=n_buckets)
         self._per_bucket = [(k, int(n), self.bucket_batch_size(k)) for k, n in enumerate(counts) if n > 0]
         h = hashlib.sha1(np.ascontiguousarray(self._buckets, dtype=np.int64).tobytes())
+        old = h.copy()                            # states written before the layout was stored hashed it in: they still load
+        old.update(repr((self.batch_size, self.num_replicas, self.drop_last, self.shuffle, dynamic_pixels, self.bucket_sizes)).encode())
         h.update(repr((self.drop_last, self.shuffle, dynamic_pixels, self.bucket_sizes)).encode())
         self.fingerprint = h.hexdigest()[:16]     # what the data is; the layout (num_replicas, batch_size) is kept apart
+        self._layout_fingerprint = old.hexdigest()[:16]
 
     def __len__(self) -> int: return sum(self._n_batches(n, bs) for _, n, bs in self._per_bucket)
 
@@ -252,6 +255,8 @@ def state_dict(self: BucketBatchSampler, consumed: int | None = None) -> dict:
 def load_state_dict(self: BucketBatchSampler, state: dict) -> None:
     """Continue from a state_dict(): the next iteration yields the batches the interrupted run had not yet yielded; a
     state of another layout (number of processes, batch size) continues with the items not yet seen (`recut`)."""
+    if 'num_replicas' not in state and state.get('fingerprint') == self._layout_fingerprint:   # an older state: same layout
+        state = {**state, 'fingerprint': self.fingerprint, 'num_replicas': self.num_replicas, 'batch_size': self.batch_size}
     if state.get('fingerprint') != self.fingerprint:
         raise ValueError(f"state fingerprint {state.get('fingerprint')!r} != this sampler's {self.fingerprint!r}: the bucket "
                          'assignment, repeats or bucket settings changed since the checkpoint; rebuild the sampler with the same data and settings')
