@@ -873,7 +873,7 @@ def _gather_unet(self: Trainer, use_ema: bool):
         elif fsdp_version(acc) == 1:                      # every process unshards; accelerate's rank-0 state dict crashes on CPU
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
             with FSDP.summon_full_params(self.unet, writeback=False):
-                sd = {unwrapped_name(n): p.detach().float().cpu().clone() for n, p in self.unet.named_parameters()}
+                sd = {n: p.detach().float().cpu().clone() for n, p in self.unet.named_parameters()}
         else: sd = acc.get_state_dict(self.unet)         # ZeRO-3: consolidated on the main process (None elsewhere)
     if not acc.is_main_process: return None
     sd = {unwrapped_name(k): t for k, t in sd.items()}
