@@ -169,7 +169,6 @@ def test_lora_two_phase_resume_is_exact(tmp_path):
     assert [r['loss'] for r in full.metrics()] == [r['loss'] for r in part.metrics()]
 
 
-@pytest.mark.xfail(reason="known problem (open): timed out at 300 s on the loaded 2-core machine; not verified since the trainer changes", strict=False)
 def test_lora_ddp_two_processes_stay_in_sync(tmp_path, data_dir):
     out = tmp_path / 'ddp'
     cfg = write_config(tmp_path / 'ddp.toml', data_dir, out, steps=3, every=2,
@@ -179,7 +178,7 @@ def test_lora_ddp_two_processes_stay_in_sync(tmp_path, data_dir):
     r = subprocess.run([accel, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
                         '--dynamo_backend', 'no', '-m', 'ztsnr_nb.cli', str(cfg), '--set', 'checkpoint.export=false',
                         '--set', 'ema.posthoc=true', '--set', 'ema.posthoc_every=1'],
-                       capture_output=True, text=True, timeout=300, env=env)
+                       capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.loads((out / 'summary.json').read_text())
     assert s['num_processes'] == 2 and s['param_checksums'][0] == s['param_checksums'][1]

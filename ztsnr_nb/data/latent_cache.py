@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import sqlite3
@@ -158,20 +159,33 @@ class ShardStore:
     def _shard_path(self, name: str) -> Path: return self.folder / 'shards' / name
 
 # %% ../../nbs/23_data_latent_cache.ipynb #d8e05b1c
+def _is_lock_error(e: sqlite3.Error) -> bool: return isinstance(e, sqlite3.OperationalError) and ('locked' in str(e) or 'busy' in str(e))
+
+def _open_index(path: Path, timeout: float, item_columns: str) -> sqlite3.Connection:
+    "Connect, switch to WAL, create the tables; retry while another process opens the same fresh file (up to `timeout` s)."
+    deadline, wait = time.monotonic() + timeout, 0.01
+    while True:
+        con = None
+        try:
+            con = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            con.execute('PRAGMA journal_mode=WAL'); con.execute('PRAGMA synchronous=NORMAL')
+            con.executescript(_SCHEMA + 'CREATE TABLE IF NOT EXISTS items(key TEXT PRIMARY KEY, shard INTEGER NOT NULL, '
+                              f'slot INTEGER NOT NULL{item_columns});')
+            return con
+        except sqlite3.DatabaseError as e:
+            if con is not None: con.close()
+            if not _is_lock_error(e):
+                raise ValueError(f'{path}: cannot open the cache index ({e}): delete the folder to rebuild the cache, '
+                                 'or pass another folder') from None
+            if time.monotonic() >= deadline:
+                raise ValueError(f'{path}: another process has held the cache index for over timeout={timeout:g} s ({e}): '
+                                 'wait for it to finish, or pass another folder') from None
+            time.sleep(wait * (1 + random.random())); wait = min(wait * 2, 0.5)
+
 @patch(as_prop=True)
 def db(self: ShardStore) -> sqlite3.Connection:
     "This process's connection (a forked child opens its own: SQLite connections must not cross fork)."
-    if self._con is None:
-        path = self.folder / 'index.sqlite'
-        try:
-            con = sqlite3.connect(path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-            con.execute('PRAGMA journal_mode=WAL'); con.execute('PRAGMA synchronous=NORMAL')
-            con.executescript(_SCHEMA + 'CREATE TABLE IF NOT EXISTS items(key TEXT PRIMARY KEY, shard INTEGER NOT NULL, '
-                              f'slot INTEGER NOT NULL{self.item_columns});')
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f'{path}: cannot open the cache index ({e}): delete the folder to rebuild the cache, '
-                             'or pass another folder') from None
-        self._con = con
+    if self._con is None: self._con = _open_index(self.folder / 'index.sqlite', self.timeout, self.item_columns)
     return self._con
 
 @patch
