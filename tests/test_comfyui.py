@@ -106,6 +106,7 @@ import sys, torch
 from ztsnr_nb.comfyui import adapter, core
 import ztsnr_nb.comfyui as pkg
 import ztsnr_nb.inference.upscale
+if TORCHVISION_STUB: install_torchvision_stub()
 sys.path.insert(0, COMFYUI_PATH)
 argv, sys.argv = sys.argv, [sys.argv[0]] + ([] if torch.cuda.is_available() else ['--cpu'])
 import comfy.options; comfy.options.enable_args_parsing()
@@ -151,12 +152,36 @@ cond = [[torch.randn(1, 77, 2048) * 0.1, {'pooled_output': torch.randn(1, 1280) 
                                          seam_fix_mode='Band Pass', seam_fix_denoise=0.3, seam_fix_width=32, seam_fix_mask_blur=8,
                                          seam_fix_padding=16, noise_rule='canvas')
 assert out.shape == (1, 128, 128, 3) and torch.isfinite(out).all()
+# loaded by ComfyUI's own custom-node loader, from a symlink and from the generated loader folder
+import asyncio, os, tempfile, pathlib, nodes
+custom = pathlib.Path(tempfile.mkdtemp()) / 'custom_nodes'; custom.mkdir()
+os.symlink(pathlib.Path(pkg.__file__).parent, custom / 'ztsnr_link')
+for folder in (custom / 'ztsnr_link', pkg.write_loader(custom, 'ztsnr_loader').parent):
+    for k in list(pkg.NODE_CLASS_MAPPINGS): nodes.NODE_CLASS_MAPPINGS.pop(k, None)
+    assert asyncio.run(nodes.load_custom_node(str(folder))), folder
+    assert set(pkg.NODE_CLASS_MAPPINGS) <= set(nodes.NODE_CLASS_MAPPINGS) and set(pkg.NODE_CLASS_MAPPINGS) <= set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
 print('REAL COMFYUI OK')
+'''
+
+
+# COMFYUI_TORCHVISION_STUB=1: for machines where torchvision cannot load beside torch (this project's CPU machine:
+# `torchvision::nms does not exist`). ComfyUI's model zoo imports torchvision at module level (cosmos, cascade, ace);
+# the SDXL path our nodes drive never calls it. The stub goes in after our own imports, so diffusers/transformers
+# still see no torchvision, and any call into it raises.
+STUB = r'''
+import types
+def install_torchvision_stub():
+    def _absent(*a, **k): raise RuntimeError('torchvision stub (COMFYUI_TORCHVISION_STUB=1): torchvision is not available')
+    for name in ('torchvision', 'torchvision.transforms', 'torchvision.ops'):
+        m = types.ModuleType(name); m.__getattr__ = lambda n, _f=_absent: _f; sys.modules[name] = m
+    sys.modules['torchvision'].transforms, sys.modules['torchvision'].ops = sys.modules['torchvision.transforms'], sys.modules['torchvision.ops']
 '''
 
 
 @pytest.mark.skipif(not os.environ.get('COMFYUI_PATH'), reason='set COMFYUI_PATH to a ComfyUI checkout to test against real ComfyUI')
 def test_against_real_comfyui():
-    code = f'COMFYUI_PATH = {os.environ["COMFYUI_PATH"]!r}\n' + textwrap.dedent(REAL)
+    stub = os.environ.get('COMFYUI_TORCHVISION_STUB') == '1'
+    code = (f'import sys\nCOMFYUI_PATH = {os.environ["COMFYUI_PATH"]!r}\nTORCHVISION_STUB = {stub}\n' + textwrap.dedent(STUB)
+            + textwrap.dedent(REAL))
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0 and 'REAL COMFYUI OK' in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

@@ -6,7 +6,7 @@ localhost, and resume across world sizes, with the shipped trainer (nbs/44 engin
 - unset (default, "core", < 4 min on a loaded 2-core machine): the quick tests (no process launched: the accelerate
   config files, the DeepSpeed config a TrainConfig implies, the data sampler across world sizes) and 5 launches:
   FSDP2 train -> sharded checkpoint -> export -> exact resume, FSDP2 2 -> 1 processes, 2 nodes on 127.0.0.1;
-- `ZTSNR_SCALEOUT=1` (about 12 min): also DDP as the reference FSDP/ZeRO must match, DDP 2 -> 1 and 1 -> 2, FSDP1
+- `ZTSNR_SCALEOUT=1` (about 12 min): also DDP as the reference FSDP/ZeRO must match, DDP 2 -> 1 and 1 -> 2, FSDP2 1 -> 2, FSDP1
   (train, validate, export; its EMA refused), DeepSpeed ZeRO-2 (train, checkpoint, exact resume, 2 -> 1: xfail) and
   ZeRO-3 (train, gathered export), and the proof that accelerate ignores FSDP on CPU without the shim;
 - `ZTSNR_SCALEOUT=0`: the quick tests only.
@@ -659,6 +659,19 @@ def test_fsdp2_two_to_one(work, data_dir, cache):
     _assert_exact_remaining(ca, cb, _items_per_epoch(data_dir), 1, a + b)
     assert summary(out)['step'] == 12
 
+
+
+@SLOW
+def test_fsdp2_one_to_two(work, data_dir, cache):
+    "FSDP2 1 process -> 2: the one-shard checkpoint is split on load; the rest of the epoch is the unseen samples."
+    fs = lambda procs: (lambda c, *a, env: launch(c, *a, env=env, config='fsdp2.yaml', procs=procs))
+    out, a, b = _world_size_change(work, data_dir, cache, 'ws12_fsdp', fs(1), fs(2), {}, steps_b=8)
+    assert {t['world'] for t in a} == {1} and {t['world'] for t in b} == {2}
+    assert any(t['epoch'] == 1 for t in b), 'the resumed run did not reach the next epoch'
+    ca, cb = _owed_after(a, b)
+    _assert_exact_remaining(ca, cb, _items_per_epoch(data_dir), 2, a + b)
+    s = summary(out)
+    assert s['step'] == 8 and s['param_checksums'][0] == s['param_checksums'][1]
 
 # ------------------------------------------------------------------- two nodes on one machine
 @CORE
