@@ -28,7 +28,8 @@ __all__ = ['log', 'GB', 'RSS_SOURCES', 'COMPILE_MODES', 'ALLOC_ENV', 'FROZEN_COM
            'OOMController', 'BatchProbe', 'find_batch_size', 'probe_buckets', 'check_adaptive_schedule',
            'make_adaptive_optimizer', 'has_weight_modes', 'set_weight_mode', 'eval_weights', 'unet_flops_breakdown',
            'unet_forward_flops', 'peak_bf16_flops', 'training_step_flops', 'mfu', 'fsdp_version', 'zero_stage',
-           'sharded_weights', 'unwrapped_name', 'deepspeed_config', 'deepspeed_problems', 'fill_deepspeed_plugin']
+           'sharded_weights', 'unwrapped_name', 'deepspeed_config', 'deepspeed_problems', 'fill_deepspeed_plugin',
+           'drain_collectives']
 
 # %% ../../nbs/44_training_device.ipynb #07ad4117
 log = logging.getLogger(__name__)
@@ -670,3 +671,8 @@ def fill_deepspeed_plugin(plugin, cfg, num_processes: int, mixed_precision: str 
         if (ds.get(k) or {}).get('enabled', 'auto') == 'auto': ds.setdefault(k, {})['enabled'] = want[k]['enabled']
     ds['zero_allow_untested_optimizer'] = True
     return ds
+
+# %% ../../nbs/44_training_device.ipynb #d8207a7e
+def drain_collectives(acc) -> None:
+    "Barrier after a run's last collective: gloo's worker threads release their work's Python tensors before exit."
+    if acc.num_processes > 1: acc.wait_for_everyone()

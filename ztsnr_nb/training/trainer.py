@@ -32,7 +32,8 @@ from .posthoc_ema import POSTHOC_DIR, PostHocEMA
 from .device import (ADAPTIVE_OPTIMIZERS, MemoryTracker, OOMController, apply_device_settings, batch_key,
                                       batch_len, borrowed, check_adaptive_schedule, configure_allocator, empty_cache,
                                       eval_weights, fill_deepspeed_plugin, fsdp_version, make_adaptive_optimizer,
-                                      offload_frozen, probe_buckets, sharded_weights, unwrapped_name, zero_stage)
+                                      drain_collectives, offload_frozen, probe_buckets, sharded_weights,
+                                      unwrapped_name, zero_stage)
 from ..models.checkpoint import NonFiniteWeightsError
 from .checkpointing import (TrainState, check_params_finite, latest_checkpoint, resolve_resume,
                                              resume_checkpoint, save_checkpoint)
@@ -689,6 +690,7 @@ def _finish(self: Trainer, resumed, stopped_by) -> dict:
     summary['num_processes'] = acc.num_processes
     summary['param_checksums'] = self.param_checksums()
     summary['memory'] = self.memory.summary()
+    drain_collectives(acc)                     # the last collective is behind us: see 44 (ending a multi-process run)
     if self.oom.events: summary['micro_batch_events'] = list(self.oom.events)
     if acc.is_main_process:
         log.info(summary['memory'])

@@ -35,6 +35,7 @@ from .config import (CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimC
                                       boolean, integer, number, one_of, opt, optional, set_key, sub, text, to_toml)
 from .ema import EMA
 from .checkpointing import TrainState, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from .device import drain_collectives
 from .trainer import NonFiniteLossError, Trainer, _flat, _null, make_lr_scheduler, make_optimizer, step_generator
 
 log = logging.getLogger(__name__)
@@ -793,6 +794,7 @@ def fit(self: VAETrainer) -> dict:
         summary['checkpoint'] = str(self.save_checkpoint())
         summary['evaluation'] = self.evaluate('after')
         if cfg.checkpoint.export: summary['export'] = self.export()
+    drain_collectives(acc)
     if acc.is_main_process: (self.out / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
     acc.end_training()
     return summary
