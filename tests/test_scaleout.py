@@ -660,7 +660,6 @@ def test_fsdp2_two_to_one(work, data_dir, cache):
     assert summary(out)['step'] == 12
 
 
-
 @SLOW
 def test_fsdp2_one_to_two(work, data_dir, cache):
     "FSDP2 1 process -> 2: the one-shard checkpoint is split on load; the rest of the epoch is the unseen samples."
@@ -672,6 +671,7 @@ def test_fsdp2_one_to_two(work, data_dir, cache):
     _assert_exact_remaining(ca, cb, _items_per_epoch(data_dir), 2, a + b)
     s = summary(out)
     assert s['step'] == 8 and s['param_checksums'][0] == s['param_checksums'][1]
+
 
 # ------------------------------------------------------------------- two nodes on one machine
 @CORE
